@@ -1,0 +1,98 @@
+"""Decode image files and bytes into numpy arrays: PNG, JPEG, TIFF; 8/16-bit; grey, RGB, RGBA.
+
+Everything that reads an image (training folders, evaluation, the server) goes through
+`decode_image`, so the same file gives the same array everywhere. Palette images become RGB(A),
+EXIF orientation is applied, and multi-page TIFFs give their first page.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from unetpp.core.errors import ImageDecodeError, ImageTooLarge, UnsupportedImage
+
+FORMATS = ("PNG", "JPEG", "TIFF")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def decode_image(
+    source: bytes | str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+) -> np.ndarray:
+    """Decode to HxW (grey) or HxWxC (C = 2, 3 or 4) with dtype uint8, uint16 or float32.
+
+    Raises ImageDecodeError for bytes that are not a readable image, UnsupportedImage for a
+    format outside FORMATS, ImageTooLarge above `max_pixels` or `max_side` (checked from the
+    header, before the pixels are decoded).
+    """
+    name = str(source) if isinstance(source, str | Path) else "image"
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror})") from exc
+    with fp, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError(f"{name}: not a PNG, JPEG or TIFF image") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLarge(f"{name}: {exc}") from exc
+        except OSError as exc:
+            raise ImageDecodeError(f"{name}: {exc}") from exc
+        if img.format not in FORMATS:
+            raise UnsupportedImage(
+                f"{name}: {img.format} images are not supported; use PNG, JPEG or TIFF"
+            )
+        width, height = img.size
+        if width * height > max_pixels or (max_side is not None and max(width, height) > max_side):
+            limit = f"{max_pixels} pixels" + (f", {max_side} per side" if max_side else "")
+            raise ImageTooLarge(f"{name}: {width}x{height} is above the limit ({limit})")
+        try:
+            img = ImageOps.exif_transpose(img) if img.format == "JPEG" else img
+            return _to_array(img, name)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageDecodeError(f"{name}: truncated or corrupt image ({exc})") from exc
+
+
+def _to_array(img: Image.Image, name: str) -> np.ndarray:
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.uint16)
+    elif img.mode == "I":
+        arr = np.asarray(img)
+        arr = (
+            arr.astype(np.uint16)
+            if arr.min() >= 0 and arr.max() <= 65535
+            else arr.astype(np.float32)
+        )
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+    elif img.mode in ("L", "LA", "RGB", "RGBA"):
+        arr = np.asarray(img)
+    else:
+        raise UnsupportedImage(f"{name}: pixel mode {img.mode} is not supported")
+    if arr.ndim == 2 or arr.shape[-1] in (2, 3, 4):
+        return np.ascontiguousarray(arr)
+    raise UnsupportedImage(f"{name}: unexpected pixel layout {arr.shape}")
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 or uint16, HxW or HxWx3/4, to PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,171 @@
+"""The model repository's manifest (`model.json`): the only contract between export and server.
+
+A model repository is a folder::
+
+    model.json          this manifest
+    L1.onnx .. L4.onnx  fp32 graphs, one standalone pruned sub-network each
+    L1.int8.onnx ...    optional quantised variants
+
+Each entry of `graphs` is one servable variant: a file, the output of that file to read,
+the pruning level, the precision and the figures measured on the exported file itself.
+Two entries may share a file (the ensemble is a second output of the L4 graph). The schema is
+documented in docs/model-repository.md; `SCHEMA_VERSION` changes on any incompatible change and a
+reader refuses a manifest newer than it knows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unetpp.core.errors import ModelRepositoryError
+from unetpp.core.preprocess import Preprocessing
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "model.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Scores of one graph measured with onnxruntime on a named data split."""
+
+    iou: float
+    dice: float
+    images: int
+    data: str
+
+
+@dataclass(frozen=True)
+class Graph:
+    name: str  # "L1".."L4", "L1.int8", "ensemble", ...
+    file: str
+    sha256: str
+    level: int  # 1..4: the deepest head the graph computes
+    output: str  # the graph output to read: "logits" or "ensemble"
+    precision: str
+    parameters: int
+    gflops: float  # at the manifest's reference size
+    accuracy: Accuracy | None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # "256": ms per image, batch 1
+    validated: bool = True  # False: written but not checked on this machine (fp16 without GPU)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.level <= 4:
+            raise ModelRepositoryError(f"graph {self.name}: level must be 1..4, got {self.level}")
+        if self.precision not in PRECISIONS:
+            raise ModelRepositoryError(f"graph {self.name}: unknown precision {self.precision!r}")
+        if Path(self.file).name != self.file or self.file in ("", ".", ".."):
+            raise ModelRepositoryError(
+                f"graph {self.name}: file must be a plain name, got {self.file!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    checkpoint_sha256: str
+    arch: str
+    in_channels: int
+    num_classes: int
+    threshold: float
+    preprocessing: Preprocessing
+    reference_size: int
+    graphs: tuple[Graph, ...]
+    created: str = ""
+    machine: str = ""  # where latencies were measured
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def graph(self, name: str) -> Graph:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preprocessing"] = self.preprocessing.to_dict()
+        data["graphs"] = [asdict(g) for g in self.graphs]
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict):
+            raise ModelRepositoryError("manifest must be a JSON object")
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise ModelRepositoryError("manifest has no integer schema_version")
+        if version > SCHEMA_VERSION:
+            raise ModelRepositoryError(
+                f"manifest schema {version} is newer than this reader's ({SCHEMA_VERSION}); "
+                "upgrade unetpp to serve it"
+            )
+        try:
+            fields = dict(data)
+            graphs = tuple(
+                Graph(**{**g, "accuracy": Accuracy(**g["accuracy"]) if g.get("accuracy") else None})
+                for g in fields.pop("graphs")
+            )
+            prep = Preprocessing.from_dict(fields.pop("preprocessing"))
+            manifest = cls(**fields, graphs=graphs, preprocessing=prep)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelRepositoryError(f"malformed manifest: {exc}") from exc
+        names = [g.name for g in manifest.graphs]
+        if not names or len(set(names)) != len(names):
+            raise ModelRepositoryError(
+                f"manifest graph names must be unique and non-empty: {names}"
+            )
+        return manifest
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelRepositoryError(f"{path}: no manifest (is this a model repository?)") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelRepositoryError(f"{path}: unreadable manifest ({exc})") from exc
+    return Manifest.from_dict(data)
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def verify_graph(directory: str | Path, graph: Graph) -> Path:
+    """The graph's path, after checking that the file exists and its hash matches the manifest."""
+    path = Path(directory) / graph.file
+    if not path.is_file():
+        raise ModelRepositoryError(f"graph {graph.name}: {path} is missing")
+    actual = sha256_file(path)
+    if actual != graph.sha256:
+        raise ModelRepositoryError(
+            f"graph {graph.name}: {path} has sha256 {actual[:12]}..., the manifest says "
+            f"{graph.sha256[:12]}...; the file was modified or replaced"
+        )
+    return path
+
+
+def load_repository(directory: str | Path) -> Manifest:
+    """Read the manifest and verify every graph's hash; raise ModelRepositoryError otherwise."""
+    manifest = read_manifest(directory)
+    for graph in manifest.graphs:
+        verify_graph(directory, graph)
+    return manifest

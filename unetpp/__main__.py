@@ -1,0 +1,3 @@
+from unetpp.cli import main
+
+raise SystemExit(main())
