@@ -51,3 +51,9 @@ class ModelRepositoryError(UNetPPError):
 
     status_code = 503
     error = "model_repository_error"
+
+
+class ExportError(UNetPPError):
+    """An exported graph that fails its checks (ONNX validity, parity with PyTorch)."""
+
+    error = "export_error"

@@ -192,8 +192,7 @@ class UNetPlusPlus(_Encoder):
 
     def ensemble(self, x: Tensor) -> Tensor:
         """The paper's average of the heads: mean of the heads' probabilities, as logits."""
-        probs = torch.stack([torch.sigmoid(h) for h in self.head_logits(x)]).mean(dim=0)
-        return torch.logit(probs, eps=1e-6)
+        return average_heads(self.head_logits(x))
 
     def prune(self, level: int, keep_heads: bool = False) -> UNetPlusPlus:
         """A standalone L_level: only the nodes with i + j <= level and head_level (all heads up
@@ -214,6 +213,12 @@ class UNetPlusPlus(_Encoder):
         own = self.state_dict()
         pruned.load_state_dict({k: own[k].clone() for k in pruned.state_dict()})
         return pruned.train(self.training)
+
+
+def average_heads(logits: list[Tensor]) -> Tensor:
+    """Mean of the heads' probabilities, returned as logits (the paper's ensemble)."""
+    probs = torch.stack([torch.sigmoid(h) for h in logits]).mean(dim=0)
+    return torch.logit(probs, eps=1e-6)
 
 
 class UNet(_Encoder):

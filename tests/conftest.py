@@ -39,3 +39,61 @@ def run_without_torch(tmp_path: Path):
         )
 
     return run
+
+
+# A tiny trained UNet++ and its exported model repository, shared by the export and server tests.
+TINY_WIDTHS = (4, 8, 16, 32, 64)
+TINY_VAL_SIZE = (72, 100)  # not multiples of 16: evaluation pads and crops back
+
+
+def tiny_samples(split: str, count: int = 4) -> list:
+    """Synthetic samples cropped to TINY_VAL_SIZE (fast to run through a tiny model)."""
+    from unetpp.core.datasets import Sample, synthetic_split
+
+    h, w = TINY_VAL_SIZE
+    return [
+        Sample(s.name, s.image[:h, :w], s.mask[:h, :w]) for s in synthetic_split(split, count=count)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-channel UNet++ with widths 4..64 and deep supervision (heads 1-4), trained for 30
+    steps on synthetic nuclei so its masks mean something, saved with save_checkpoint."""
+    import numpy as np
+    import torch
+    from unetpp.core.preprocess import Preprocessing
+    from unetpp.model.checkpoint import Checkpoint, save_checkpoint
+    from unetpp.model.unetpp import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    prep, cfg = Preprocessing(), ModelConfig(widths=TINY_WIDTHS)
+    model = build_model(cfg).train()
+    train = tiny_samples("train")
+    x = torch.from_numpy(np.stack([prep(s.image[:64, :96]) for s in train]))
+    y = torch.from_numpy(np.stack([s.mask[None, :64, :96] for s in train])).float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(h, y) for h in model(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = Checkpoint(cfg, prep, model.state_dict(), data={"source": "synthetic"})
+    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", ckpt)
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model repository of `tiny_checkpoint`: model.json, L1..L4.onnx (fp32; L4.onnx also
+    carries the "ensemble" output), accuracy measured on 4 synthetic val images; no int8."""
+    from unetpp.export.repository import ExportOptions, export_repository
+
+    out = tmp_path_factory.mktemp("tiny_repository") / "models"
+    export_repository(
+        tiny_checkpoint,
+        out,
+        val_samples=tiny_samples("val"),
+        val_data="synthetic:val",
+        options=ExportOptions(int8=False, ensemble="always"),
+    )
+    return out

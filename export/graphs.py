@@ -1,0 +1,165 @@
+"""PyTorch module -> one self-contained ONNX graph, checked for validity and parity.
+
+Exporter: torch 2.13 offers the torch.export-based exporter (`dynamo=True`, the default) and
+the TorchScript one. Both fold BN into the convolutions and give the same node list for these
+networks; the TorchScript exporter names the dynamic axes N, H, W (the other writes "16*h"),
+writes half the bytes (no per-node metadata) and takes about 0.3 s per graph instead of 5 s,
+so it is used here. The graphs contain no control flow, so tracing loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+from unetpp.core.errors import ExportError
+from unetpp.core.inference import INPUT_NAME, create_session, logit_threshold, run_batch
+from unetpp.model.unetpp import UNetPlusPlus, average_heads
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+LOGITS_TOLERANCE = 1e-4  # max |ONNX - PyTorch| logit difference (fp32)
+MASK_AGREEMENT = 0.9999  # min fraction of pixels whose thresholded masks agree
+# Odd valid sizes for the random parity inputs: (batch, height, width), H and W multiples of 16.
+PARITY_SHAPES = ((2, 48, 80), (3, 16, 112))
+
+
+class LevelWithEnsemble(nn.Module):
+    """L_k with every head up to k: outputs (logits of head k, the heads' average as logits)."""
+
+    def __init__(self, pruned: UNetPlusPlus) -> None:
+        super().__init__()
+        self.net = pruned
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        heads = self.net.head_logits(x)
+        return heads[-1], average_heads(heads)
+
+
+def export_graph(
+    module: nn.Module,
+    path: str | Path,
+    *,
+    in_channels: int,
+    outputs: Sequence[str] = ("logits",),
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export `module` (eval mode) with input `image` [N, C, H, W] and the named outputs, each
+    [N, K, H, W], N/H/W dynamic; BN folded; weights inside the file."""
+    if opset < DEFAULT_OPSET:
+        raise ExportError(f"opset must be >= {DEFAULT_OPSET}, got {opset}")
+    path = Path(path)
+    axes = {0: "N", 2: "H", 3: "W"}
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo=True (see module docstring);
+        # the size check in the model's forward is a Python-level guard, constant under tracing.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, in_channels, 64, 64),),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(outputs),
+            dynamic_axes={name: axes for name in (INPUT_NAME, *outputs)},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+def initializer_parameters(model: onnx.ModelProto) -> int:
+    """The network's parameters (BN folded) as stored in the graph's initializers: each
+    initializer counted once per node that reads it, since the exporter stores identical
+    tensors once (e.g. the zero biases of an untrained network's folded BNs)."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    return sum(sizes.get(name, 0) for node in model.graph.node for name in node.input)
+
+
+def check_graph(path: str | Path, outputs: Sequence[str] = ("logits",)) -> onnx.ModelProto:
+    """onnx.checker with full shape inference, self-contained, expected input/outputs and rank."""
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{path.name}: invalid ONNX graph ({exc})") from exc
+    model = onnx.load(str(path), load_external_data=False)
+    external = [
+        t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise ExportError(f"{path.name}: weights stored outside the file: {external[:3]}")
+    inputs = [i.name for i in model.graph.input]
+    names = [o.name for o in model.graph.output]
+    if inputs != [INPUT_NAME] or names != list(outputs):
+        raise ExportError(
+            f"{path.name}: expected input [{INPUT_NAME}] and outputs {list(outputs)}, "
+            f"got {inputs} and {names}"
+        )
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        symbolic = [d.dim_param for d in dims]
+        if len(dims) != 4 or not all(symbolic[i] for i in (0, 2, 3)):
+            raise ExportError(f"{path.name}: {value.name} is not [N, C, H, W] with N, H, W dynamic")
+    return model
+
+
+def check_parity(
+    path: str | Path,
+    module: nn.Module,
+    images: Sequence[np.ndarray],
+    *,
+    in_channels: int,
+    outputs: Sequence[str] = ("logits",),
+    threshold: float = 0.5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Compare the graph with `module` on `images` (CxHxW, padded) and on random batches of odd
+    valid sizes: logits within LOGITS_TOLERANCE and masks agreeing on MASK_AGREEMENT of pixels,
+    for every output. Raises ExportError otherwise; returns the worst figures seen."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    batches = [img[None] for img in images] + [
+        rng.standard_normal((n, in_channels, h, w), dtype=np.float32) for n, h, w in PARITY_SHAPES
+    ]
+    session = create_session(path)
+    cut = logit_threshold(threshold)
+    worst_diff, worst_agreement = 0.0, 1.0
+    module = module.eval()
+    for batch in batches:
+        with torch.no_grad():
+            expected = module(torch.from_numpy(np.ascontiguousarray(batch)))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for name, ref in zip(outputs, expected, strict=True):
+            ref = ref.numpy()
+            got = run_batch(session, batch, name)
+            if got.shape != ref.shape:
+                raise ExportError(
+                    f"{path.name}: output {name} has shape {got.shape}, PyTorch {ref.shape}"
+                )
+            diff = float(np.abs(got - ref).max())
+            agreement = float(np.mean((got > cut) == (ref > cut)))
+            worst_diff, worst_agreement = max(worst_diff, diff), min(worst_agreement, agreement)
+            if diff > LOGITS_TOLERANCE or agreement < MASK_AGREEMENT:
+                raise ExportError(
+                    f"{path.name}: output {name} differs from PyTorch on input {batch.shape}: "
+                    f"max |logit difference| {diff:.2e} (limit {LOGITS_TOLERANCE:.0e}), masks "
+                    f"agree on {100 * agreement:.4f}% of pixels (limit {100 * MASK_AGREEMENT}%)"
+                )
+    log.info(
+        "%s: parity on %d inputs, max |diff| %.2e, masks agree %.4f%%",
+        path.name,
+        len(batches),
+        worst_diff,
+        100 * worst_agreement,
+    )
+    return {"max_abs_diff": worst_diff, "mask_agreement": worst_agreement, "inputs": len(batches)}

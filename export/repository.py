@@ -1,0 +1,388 @@
+"""Checkpoint -> model repository: L1..L4 ONNX graphs (+ int8, fp16), verified, and model.json.
+
+Every figure in the manifest is measured on the written file with onnxruntime: accuracy on
+the validation samples, latency on this machine. The repository is built in a temporary
+folder next to `out_dir` and moved into place at the end, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+from torch import nn
+from unetpp.core.datasets import Sample
+from unetpp.core.errors import ExportError, InvalidInput
+from unetpp.core.inference import (
+    Evaluation,
+    create_session,
+    evaluate_session,
+    measure_latency,
+)
+from unetpp.core.manifest import Accuracy, Graph, Manifest, sha256_file, write_manifest
+from unetpp.core.preprocess import pad_to_multiple
+from unetpp.export.graphs import (
+    DEFAULT_OPSET,
+    LevelWithEnsemble,
+    check_graph,
+    check_parity,
+    export_graph,
+    initializer_parameters,
+)
+from unetpp.export.quantize import convert_fp16, quantize_int8
+from unetpp.model.checkpoint import load_checkpoint
+from unetpp.model.summary import gflops
+from unetpp.model.unetpp import UNetPlusPlus, count_parameters
+
+log = logging.getLogger(__name__)
+
+REFERENCE_SIZE = 256
+EXPORTER = "torch.onnx.export (TorchScript exporter), torch 2.13"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    int8: bool = True
+    int8_margin: float = 0.01  # an int8 variant losing more IoU than this is left out
+    fp16: bool = False
+    # "auto": the ensemble becomes a second output of the deepest graph when it measures better
+    # than every single level on the validation set; "always"/"never" force the choice.
+    ensemble: Literal["auto", "always", "never"] = "auto"
+    threshold: float = 0.5
+    parity_images: int = 4  # validation images also used for the PyTorch parity check
+    latency_sizes: tuple[int, ...] = (REFERENCE_SIZE,)
+    name: str = "unetpp"
+    version: str = ""  # default: the first 12 hex digits of the checkpoint's sha256
+
+
+@dataclass
+class _Entry:
+    """A graph being built: its module, file, outputs and measured figures."""
+
+    name: str
+    level: int
+    module: nn.Module
+    file: str
+    output: str
+    precision: str = "fp32"
+    evaluation: Evaluation | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    validated: bool = True
+    note: str = ""
+
+
+def _levels(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(level, standalone module) of every level the model can serve."""
+    if isinstance(model, UNetPlusPlus):
+        heads = sorted(int(key.split("_")[1]) for key in model.heads)
+        return [(level, model.prune(level)) for level in heads]
+    return [(4, model)]  # U-Net baselines: one network, the full depth
+
+
+class _Builder:
+    def __init__(
+        self,
+        directory: Path,
+        in_channels: int,
+        samples: Sequence[Sample],
+        data: str,
+        options: ExportOptions,
+        preprocessing: Any,
+    ) -> None:
+        self.directory = directory
+        self.in_channels = in_channels
+        self.samples = samples
+        self.data = data
+        self.options = options
+        self.preprocessing = preprocessing
+        self.parity_inputs = [
+            pad_to_multiple(preprocessing(s.image), preprocessing.multiple)[0]
+            for s in samples[: options.parity_images]
+        ]
+        self.parity: dict[str, dict[str, float]] = {}
+
+    def export(self, file: str, module: nn.Module, outputs: tuple[str, ...]) -> None:
+        """Write, check and compare one fp32 graph with its PyTorch module; check its size."""
+        path = export_graph(
+            module, self.directory / file, in_channels=self.in_channels, outputs=outputs,
+            opset=self.options.opset,
+        )  # fmt: skip
+        model = check_graph(path, outputs)
+        expected = count_parameters(module)
+        actual = initializer_parameters(model)
+        if actual != expected:
+            raise ExportError(
+                f"{file}: {actual} parameters in the graph, {expected} in the pruned module"
+            )
+        self.parity[file] = check_parity(
+            path, module, self.parity_inputs, in_channels=self.in_channels, outputs=outputs,
+            threshold=self.options.threshold,
+        )  # fmt: skip
+
+    def measure(self, entry: _Entry) -> None:
+        session = create_session(self.directory / entry.file)
+        if self.samples:
+            entry.evaluation = evaluate_session(
+                session, self.samples, self.preprocessing, self.options.threshold, entry.output
+            )
+        entry.latency_ms = {
+            str(size): round(measure_latency(session, size, self.in_channels, entry.output), 3)
+            for size in self.options.latency_sizes
+        }
+        log.info(
+            "%s: IoU %s, latency %s ms",
+            entry.name,
+            f"{entry.evaluation.iou:.4f}" if entry.evaluation else "n/a",
+            entry.latency_ms,
+        )
+
+
+def _iou(entry: _Entry) -> float:
+    return entry.evaluation.iou if entry.evaluation else float("nan")
+
+
+def export_repository(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    *,
+    val_samples: Sequence[Sample] = (),
+    val_data: str = "",
+    calibration_samples: Sequence[Sample] = (),
+    options: ExportOptions | None = None,
+) -> Manifest:
+    """Export a checkpoint as a model repository in `out_dir` (replaced if it exists).
+
+    `val_samples` (named `val_data` in the manifest) give the recorded accuracy, the ensemble
+    decision and the real images of the parity check; `calibration_samples` (training images)
+    calibrate the int8 variants. Without validation samples no accuracy is recorded and the
+    ensemble is not offered (it cannot be shown to be worth it)."""
+    options = options or ExportOptions()
+    checkpoint_path = Path(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path)
+    if ckpt.config.num_classes != 1 and val_samples:
+        raise InvalidInput("accuracy is measured for one-class models only; drop --val-data")
+    if options.int8 and not calibration_samples:
+        raise InvalidInput("int8 variants need calibration (training) images; or use --no-int8")
+    checkpoint_sha = sha256_file(checkpoint_path)
+    model = ckpt.build()
+    prep = ckpt.preprocessing
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server's user
+    try:
+        builder = _Builder(staging, ckpt.config.in_channels, val_samples, val_data, options, prep)
+        levels = _levels(model)
+        entries = [_Entry(f"L{k}", k, module, f"L{k}.onnx", "logits") for k, module in levels]
+        for entry in entries[:-1]:
+            builder.export(entry.file, entry.module, ("logits",))
+            builder.measure(entry)
+        ensemble, decision = _export_deepest(builder, model, entries)
+        if ensemble:
+            entries.append(ensemble)
+        fp32 = list(entries)
+        rejected: list[dict[str, Any]] = []
+        if options.int8:
+            calibration = [
+                pad_to_multiple(prep(s.image), prep.multiple)[0] for s in calibration_samples
+            ]
+            entries += _int8_variants(builder, fp32, calibration, rejected)
+        if options.fp16:
+            entries += _fp16_variants(builder, fp32)
+        modules = {id(e.module): e.module for e in entries}
+        flops = {
+            key: round(gflops(m, ckpt.config.in_channels, REFERENCE_SIZE), 3)
+            for key, m in modules.items()
+        }
+        graphs = tuple(_graph(staging, e, val_data, flops[id(e.module)]) for e in entries)
+        manifest = Manifest(
+            name=options.name,
+            version=options.version or checkpoint_sha[:12],
+            checkpoint_sha256=checkpoint_sha,
+            arch=ckpt.config.arch,
+            in_channels=ckpt.config.in_channels,
+            num_classes=ckpt.config.num_classes,
+            threshold=options.threshold,
+            preprocessing=prep,
+            reference_size=REFERENCE_SIZE,
+            graphs=graphs,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            machine=_machine(),
+            extra={
+                "exporter": EXPORTER,
+                "opset": options.opset,
+                "ensemble": decision,
+                "int8": {
+                    "enabled": options.int8,
+                    "margin_iou": options.int8_margin,
+                    "calibration_images": len(calibration_samples),
+                    "rejected": rejected,
+                },
+                "parity": builder.parity,
+                "latency": "median of 10 runs, batch 1, onnxruntime CPU; shared machine",
+            },
+        )
+        write_manifest(staging, manifest)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote %s: %s", out_dir, ", ".join(g.name for g in manifest.graphs))
+    return manifest
+
+
+def _export_deepest(
+    builder: _Builder, model: nn.Module, entries: list[_Entry]
+) -> tuple[_Entry | None, dict[str, Any]]:
+    """Export the deepest level, with the ensemble as a second output when the options say so
+    or, with "auto", when it measures better than every single level on the validation set."""
+    deepest = entries[-1]
+    mode = builder.options.ensemble
+    if not isinstance(model, UNetPlusPlus) or len(model.heads) < 2:
+        reason = "the model has one head"
+    elif mode == "never" or (mode == "auto" and not builder.samples):
+        reason = "not requested" if mode == "never" else "no validation data to measure it on"
+    else:
+        reason = ""
+    if reason:
+        builder.export(deepest.file, deepest.module, ("logits",))
+        builder.measure(deepest)
+        return None, {"offered": False, "reason": reason}
+    assert isinstance(model, UNetPlusPlus)
+    with_heads = LevelWithEnsemble(model.prune(deepest.level, keep_heads=True))
+    builder.export(deepest.file, with_heads, ("logits", "ensemble"))
+    ensemble = _Entry("ensemble", deepest.level, with_heads, deepest.file, "ensemble")
+    builder.measure(deepest)
+    builder.measure(ensemble)
+    best = max(entries, key=_iou)
+    decision = {
+        "offered": mode == "always" or _iou(ensemble) > _iou(best),
+        "mode": mode,
+        "ensemble_iou": round(_iou(ensemble), 6),
+        "best_single": best.name,
+        "best_single_iou": round(_iou(best), 6),
+        "data": builder.data,
+    }
+    log.info(
+        "ensemble %s (%s): IoU %.4f, best single level %s %.4f",
+        "offered" if decision["offered"] else "not offered",
+        mode, _iou(ensemble), best.name, _iou(best),
+    )  # fmt: skip
+    if decision["offered"]:
+        return ensemble, decision
+    builder.export(deepest.file, deepest.module, ("logits",))
+    builder.measure(deepest)
+    return None, decision
+
+
+def _int8_variants(
+    builder: _Builder,
+    fp32: list[_Entry],
+    calibration: list[np.ndarray],
+    rejected: list[dict[str, Any]],
+) -> list[_Entry]:
+    kept = []
+    quantized: dict[str, str] = {}
+    for entry in fp32:
+        if entry.file not in quantized:
+            target = entry.file.replace(".onnx", ".int8.onnx")
+            quantize_int8(builder.directory / entry.file, builder.directory / target, calibration)
+            check_graph(builder.directory / target, _outputs(fp32, entry.file))
+            quantized[entry.file] = target
+        variant = _Entry(
+            f"{entry.name}.int8", entry.level, entry.module, quantized[entry.file], entry.output,
+            precision="int8",
+        )  # fmt: skip
+        builder.measure(variant)
+        loss = _iou(entry) - _iou(variant)
+        if loss > builder.options.int8_margin:
+            log.warning(
+                "%s left out: IoU %.4f vs fp32 %.4f (margin %.4f)",
+                variant.name, _iou(variant), _iou(entry), builder.options.int8_margin,
+            )  # fmt: skip
+            rejected.append(
+                {
+                    "name": variant.name,
+                    "iou": round(_iou(variant), 6),
+                    "fp32_iou": round(_iou(entry), 6),
+                }
+            )
+            continue
+        kept.append(variant)
+    for target in set(quantized.values()) - {e.file for e in kept}:
+        (builder.directory / target).unlink()
+    return kept
+
+
+def _outputs(entries: list[_Entry], file: str) -> tuple[str, ...]:
+    """The outputs of `file`, in graph order ("logits", then "ensemble" if it carries it)."""
+    return tuple(e.output for e in entries if e.file == file)
+
+
+def _fp16_variants(builder: _Builder, fp32: list[_Entry]) -> list[_Entry]:
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    out = []
+    for entry in fp32:
+        target = entry.file.replace(".onnx", ".fp16.onnx")
+        if not (builder.directory / target).exists():
+            convert_fp16(builder.directory / entry.file, builder.directory / target)
+        variant = _Entry(
+            f"{entry.name}.fp16", entry.level, entry.module, target, entry.output,
+            precision="fp16", validated=gpu,
+            note="" if gpu else "not validated: no GPU on the exporting machine",
+        )  # fmt: skip
+        if gpu:
+            session = create_session(
+                builder.directory / target, providers=["CUDAExecutionProvider"]
+            )
+            variant.evaluation = evaluate_session(
+                session, builder.samples, builder.preprocessing, builder.options.threshold,
+                variant.output,
+            )  # fmt: skip
+        out.append(variant)
+    return out
+
+
+def _graph(directory: Path, entry: _Entry, data: str, gflops_at_reference: float) -> Graph:
+    ev = entry.evaluation
+    return Graph(
+        name=entry.name,
+        file=entry.file,
+        sha256=sha256_file(directory / entry.file),
+        level=entry.level,
+        output=entry.output,
+        precision=entry.precision,
+        parameters=count_parameters(entry.module),
+        gflops=gflops_at_reference,
+        accuracy=Accuracy(round(ev.iou, 6), round(ev.dice, 6), ev.images, data) if ev else None,
+        latency_ms=entry.latency_ms,
+        validated=entry.validated,
+        note=entry.note,
+    )
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}"
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move the finished repository into place (an existing one is replaced)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
