@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: Sequence[np.nda
     if not calibration:
         raise ExportError("int8 quantisation needs calibration images (or use --no-int8)")
     dst = Path(dst)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph clean-up first, as onnxruntime recommends for QDQ.
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
@@ -59,6 +60,18 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: Sequence[np.nda
         )
     log.info("%s: int8 QDQ calibrated on %d images", dst.name, len(calibration))
     return dst
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs a line per tensor at INFO through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:

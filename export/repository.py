@@ -7,6 +7,7 @@ folder next to `out_dir` and moved into place at the end, so a reader never sees
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 from torch import nn
-from unetpp.core.datasets import Sample
+from unetpp.core.datasets import Sample, load_split
 from unetpp.core.errors import ExportError, InvalidInput
 from unetpp.core.inference import (
     Evaluation,
@@ -386,3 +387,48 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
     else:
         staging.rename(target)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`unetpp export`: see unetpp/cli.py for the arguments."""
+    source = args.val_data or load_checkpoint(args.checkpoint).data.get("source")
+    if not source:
+        raise InvalidInput(
+            "the checkpoint does not say what it was trained on; pass --val-data "
+            "synthetic|hela|PATH (validation images for accuracy, parity and int8 calibration)"
+        )
+    val = load_split(source, args.val_split, val_dir=args.val_dir)
+    calibration = (
+        load_split(source, "train", val_dir=args.val_dir)[: args.calib_images] if args.int8 else []
+    )
+    options = ExportOptions(
+        opset=args.opset,
+        int8=args.int8,
+        int8_margin=args.int8_margin / 100.0,
+        fp16=args.fp16,
+        ensemble=args.ensemble,
+        threshold=args.threshold,
+        latency_sizes=tuple(args.latency_size or (REFERENCE_SIZE,)),
+        name=args.name,
+        version=args.model_version,
+    )
+    manifest = export_repository(
+        args.checkpoint,
+        args.out,
+        val_samples=val,
+        val_data=f"{source}:{args.val_split}",
+        calibration_samples=calibration,
+        options=options,
+    )
+    print(f"{args.out}: {manifest.name} {manifest.version}, {len(manifest.graphs)} graphs")
+    print(f"{'graph':<14} {'file':<18} {'parameters':>11} {'GFLOPs':>8} {'IoU':>7}  ms@size")
+    for g in manifest.graphs:
+        iou = f"{g.accuracy.iou:.4f}" if g.accuracy else "n/a"
+        ms = ", ".join(f"{v:.1f}@{k}" for k, v in g.latency_ms.items()) or "n/a"
+        note = f"  ({g.note})" if g.note else ""
+        print(
+            f"{g.name:<14} {g.file:<18} {g.parameters:>11,} {g.gflops:>8.2f} {iou:>7}  {ms}{note}"
+        )
+    for r in manifest.extra["int8"]["rejected"]:
+        print(f"left out {r['name']}: IoU {r['iou']:.4f} vs fp32 {r['fp32_iou']:.4f}")
+    return 0

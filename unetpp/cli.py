@@ -33,6 +33,69 @@ def _summary(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=1)
 
 
+def _data_arguments(p: argparse.ArgumentParser, flag: str, required: bool) -> None:
+    p.add_argument(
+        flag,
+        required=required,
+        metavar="SOURCE",
+        help="synthetic, hela or a folder with images/ and masks/",
+    )
+    p.add_argument("--val-dir", help="a folder source's separate validation folder")
+
+
+@command(
+    "export",
+    "unetpp.export.repository:main",
+    "checkpoint -> model repository: L1..L4 ONNX graphs (+ int8), verified, with model.json",
+)
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by unetpp train")
+    p.add_argument("--out", required=True, help="the repository folder (replaced if it exists)")
+    _data_arguments(p, "--val-data", required=False)
+    p.add_argument("--val-split", default="val", help="split measured for the manifest (val)")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 variants")
+    p.add_argument(
+        "--int8-margin",
+        type=float,
+        default=1.0,
+        help="leave out an int8 variant losing more IoU points than this (default 1.0)",
+    )
+    p.add_argument("--calib-images", type=int, default=8, help="training images for int8")
+    p.add_argument("--fp16", action="store_true", help="also write fp16 variants (for GPUs)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    p.add_argument(
+        "--ensemble",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="offer the heads' average as L4's second output: when it measures better (auto)",
+    )
+    p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
+    p.add_argument(
+        "--latency-size",
+        type=int,
+        action="append",
+        default=None,
+        help="square size to time each graph at (repeatable; default 256)",
+    )
+    p.add_argument("--name", default="unetpp", help="model name in the manifest")
+    p.add_argument(
+        "--model-version", default="", help="model version (default: checkpoint hash prefix)"
+    )
+
+
+@command(
+    "evaluate",
+    "unetpp.export.evaluate:main",
+    "IoU, Dice and ms/image of every graph of a model repository (onnxruntime, no torch)",
+)
+def _evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="a model repository written by unetpp export")
+    _data_arguments(p, "--data", required=True)
+    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unetpp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"unetpp {__version__}")

@@ -1,0 +1,87 @@
+"""`unetpp evaluate DIR --data ...`: IoU, Dice and ms/image of every graph of a model repository.
+
+Pure onnxruntime and unetpp.core (no torch): it measures the served artifacts exactly as a
+server runs them, on any machine that can serve them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from unetpp.core.datasets import Sample, load_split
+from unetpp.core.inference import create_session, evaluate_session
+from unetpp.core.manifest import load_repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    graph: str
+    precision: str
+    level: int
+    iou: float
+    dice: float
+    images: int
+    ms_per_image: float
+
+
+def evaluate_repository(
+    directory: str | Path, samples: Sequence[Sample], *, threads: int | None = None
+) -> list[Row]:
+    """Every graph of the repository (hashes verified first) on `samples`, whole images."""
+    manifest = load_repository(directory)
+    sessions = {}
+    rows = []
+    for graph in manifest.graphs:
+        if graph.file not in sessions:
+            sessions[graph.file] = create_session(Path(directory) / graph.file, threads=threads)
+        ev = evaluate_session(
+            sessions[graph.file],
+            samples,
+            manifest.preprocessing,
+            manifest.threshold,
+            graph.output,
+        )
+        log.debug(
+            "%s: IoU %.4f, Dice %.4f, %.1f ms/image", graph.name, ev.iou, ev.dice, ev.ms_per_image
+        )
+        rows.append(
+            Row(
+                graph.name,
+                graph.precision,
+                graph.level,
+                ev.iou,
+                ev.dice,
+                ev.images,
+                ev.ms_per_image,
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    lines = [f"{'graph':<14} {'precision':<9} {'IoU':>7} {'Dice':>7} {'ms/image':>9}"]
+    lines += [
+        f"{r.graph:<14} {r.precision:<9} {r.iou:>7.4f} {r.dice:>7.4f} {r.ms_per_image:>9.1f}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    samples = load_split(args.data, args.split, val_dir=args.val_dir)
+    rows = evaluate_repository(args.directory, samples, threads=args.threads)
+    if args.json:
+        print(
+            json.dumps({"data": f"{args.data}:{args.split}", "graphs": [asdict(r) for r in rows]})
+        )
+    else:
+        print(f"{args.data}:{args.split}, {rows[0].images if rows else 0} images")
+        print(format_table(rows))
+    return 0
