@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ class Accuracy:
     dice: float
     images: int
     data: str
+
+    def __post_init__(self) -> None:
+        _require(_number(self.iou) and 0.0 <= self.iou <= 1.0, f"accuracy iou {self.iou!r}")
+        _require(_number(self.dice) and 0.0 <= self.dice <= 1.0, f"accuracy dice {self.dice!r}")
+        _require(_integer(self.images) and self.images > 0, f"accuracy images {self.images!r}")
+        _require(isinstance(self.data, str), f"accuracy data {self.data!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,20 @@ class Graph:
             raise ModelRepositoryError(
                 f"graph {self.name}: file must be a plain name, got {self.file!r}"
             )
+        where = f"graph {self.name}:"
+        _require(_SHA256.fullmatch(str(self.sha256)) is not None, f"{where} sha256 {self.sha256!r}")
+        _require(isinstance(self.output, str) and bool(self.output), f"{where} output")
+        _require(_integer(self.parameters) and self.parameters > 0, f"{where} parameters")
+        _require(_number(self.gflops) and self.gflops >= 0, f"{where} gflops {self.gflops!r}")
+        _require(self.accuracy is None or isinstance(self.accuracy, Accuracy), f"{where} accuracy")
+        _require(
+            isinstance(self.latency_ms, dict)
+            and all(
+                isinstance(k, str) and k.isdigit() and _number(v) and v > 0
+                for k, v in self.latency_ms.items()
+            ),
+            f"{where} latency_ms must map sizes to milliseconds, got {self.latency_ms!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,17 @@ class Manifest:
     machine: str = ""  # where latencies were measured
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(_SHA256.fullmatch(str(self.checkpoint_sha256)) is not None, "checkpoint_sha256")
+        _require(
+            self.in_channels == self.preprocessing.channels,
+            f"in_channels {self.in_channels!r} differs from the preprocessing's channels",
+        )
+        _require(_integer(self.num_classes) and self.num_classes > 0, "num_classes")
+        _require(_number(self.threshold) and 0 < self.threshold < 1, "threshold")
+        _require(_integer(self.reference_size) and self.reference_size > 0, "reference_size")
+        _require(all(isinstance(g, Graph) for g in self.graphs), "graphs")
 
     def graph(self, name: str) -> Graph:
         for g in self.graphs:
@@ -122,6 +154,22 @@ class Manifest:
                 f"manifest graph names must be unique and non-empty: {names}"
             )
         return manifest
+
+
+_SHA256 = re.compile("[0-9a-f]{64}")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return _integer(value) or isinstance(value, float)
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ModelRepositoryError(f"invalid manifest field: {what}")
 
 
 def sha256_file(path: str | Path) -> str:
