@@ -33,6 +33,14 @@ def _summary(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=1)
 
 
+@command("serve", "unetpp.server.main:main", "serve a model repository over HTTP (no torch)")
+def _serve(p: argparse.ArgumentParser) -> None:
+    # Left out, each falls back to its UNETPP_* environment variable, then the default.
+    p.add_argument("--models", metavar="DIR", help="model repository (env UNETPP_MODELS)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+
+
 def _data_arguments(p: argparse.ArgumentParser, flag: str, required: bool) -> None:
     p.add_argument(
         flag,

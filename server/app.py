@@ -1,0 +1,84 @@
+"""The FastAPI application: lifespan (load the model in the background), limits, routers, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from unetpp.server.errors import BodyTooLarge, error_response, install_handlers
+from unetpp.server.routers import health, models, segment
+from unetpp.server.settings import Settings
+from unetpp.server.state import ServerState
+
+from unetpp import __version__
+
+DESCRIPTION = """
+UNet++ segmentation with four pruned graphs (L1..L4, and the ensemble of their heads where the
+export measured it better). Every request chooses its trade-off with **one** of `level`,
+`mode` (fast, balanced, accurate), `max_latency_ms` or `min_iou`, plus `precision`; the
+response headers say what was chosen and why. Errors are JSON `{"error", "detail"}`.
+"""
+
+
+class BodyLimit:
+    """Refuse bodies above `limit` bytes: by Content-Length before reading, and while streaming
+    (a missing or lying Content-Length) by failing the read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = f"request body above the limit of {self.limit} bytes"
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.limit:
+            response = error_response(413, BodyTooLarge.error, detail, {"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(detail)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServerState(settings)
+        app.state.server = state
+        loading = asyncio.create_task(state.load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await state.close()
+
+    app = FastAPI(
+        title="unetpp",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    for module in (health, models, segment):
+        app.include_router(module.router)
+    return app

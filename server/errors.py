@@ -1,0 +1,102 @@
+"""The server's own failures and the one place where every exception becomes an HTTP answer.
+
+Every error body is `{"error": <short code>, "detail": <sentence>}`, FastAPI's own 404, 405 and
+422 included. A client's bad input is always a 4xx; only a bug in this code is a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from unetpp.core.errors import ImageTooLarge, InvalidInput, UNetPPError, UnsupportedImage
+
+log = logging.getLogger(__name__)
+
+
+class BodyTooLarge(ImageTooLarge):
+    """A request body above `max_body_bytes`."""
+
+    error = "body_too_large"
+
+
+class UnsupportedMediaType(UnsupportedImage):
+    """A request whose content type is neither an image nor multipart with an `image` field."""
+
+
+class BadParameter(InvalidInput):
+    """Query parameters that are each valid but do not go together."""
+
+    error = "invalid_parameter"
+
+
+class Unavailable(UNetPPError):
+    """The server cannot take the request now; `retry_after` seconds is a hint for the client."""
+
+    status_code = 503
+    error = "unavailable"
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class NotReady(Unavailable):
+    error = "not_ready"
+
+
+class QueueFull(Unavailable):
+    error = "queue_full"
+
+
+class DeadlineExceeded(UNetPPError):
+    """The request's deadline passed before its result was ready."""
+
+    status_code = 504
+    error = "deadline_exceeded"
+
+
+def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None):
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _domain(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UNetPPError)
+    headers = None
+    if isinstance(exc, Unavailable) and exc.retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if exc.status_code >= 500 and not isinstance(exc, Unavailable):
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, exc.error, exc.detail)
+    return error_response(exc.status_code, exc.error, exc.detail, headers)
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    error = codes.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, error, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return error_response(422, "invalid_parameter", "; ".join(parts))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return error_response(500, "internal_error", f"{type(exc).__name__}: the server failed")
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(UNetPPError, _domain)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,183 @@
+"""Which graph serves a request: explicit level, a mode, a latency budget or an accuracy floor.
+
+Pure functions over `Candidate`s (a graph's measured IoU and its predicted latency for this
+request's pixels); the service fills them in. The rules (README "Serving" repeats them):
+
+- precision: `fp32` or `int8` keeps only graphs of that precision; `auto` keeps all.
+- `level=k`: the graph of pruning depth k; among several, the plain head (output "logits")
+  before the ensemble, fp32 before int8.
+- `mode=accurate`: the best measured IoU (ties: the faster).
+- `mode=fast`: the fastest graph whose IoU is within `fast_tolerance` of the best.
+- `mode=balanced`: the knee of the accuracy/latency front: on the Pareto-optimal graphs, with
+  latency and IoU each scaled to 0..1 across them, the one with the largest IoU - latency
+  (the point furthest above the line from the fastest to the most accurate; ties: more accurate).
+- `max_latency_ms=N`: the most accurate graph whose predicted latency plus the current queue
+  wait fits in N; if none fits, the fastest, and the route says the budget was missed.
+- `min_iou=x`: the fastest graph whose measured IoU reaches x; if none does, the most accurate,
+  and the route says the floor was missed.
+Graphs without a measured accuracy count as less accurate than any measured one; if none is
+measured, the deeper level counts as the more accurate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from unetpp.server.errors import BadParameter
+from unetpp.server.settings import Mode
+
+Precision = Literal["auto", "fp32", "int8"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    level: int
+    precision: str
+    output: str
+    iou: float | None
+    predicted_ms: float  # inference alone, for this request's pixels
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the client asked for; at most one of level, mode, max_latency_ms, min_iou."""
+
+    level: int | None = None
+    mode: Mode | None = None
+    max_latency_ms: float | None = None
+    min_iou: float | None = None
+    precision: Precision = "auto"
+
+
+@dataclass(frozen=True)
+class Route:
+    graph: str
+    rule: str  # "level", "mode", "max_latency_ms", "min_iou"
+    reason: str
+    missed: bool = False  # the budget or the accuracy floor could not be met
+
+
+def _score(candidate: Candidate, measured: bool) -> tuple[float, float]:
+    """Sort key for accuracy: measured IoU first, the level as a stand-in otherwise."""
+    if measured:
+        return (1.0, candidate.iou) if candidate.iou is not None else (0.0, candidate.level)
+    return (0.0, candidate.level)
+
+
+def _describe(c: Candidate) -> str:
+    iou = f"IoU {c.iou:.3f}" if c.iou is not None else "IoU unmeasured"
+    return f"{c.name} ({iou}, {c.predicted_ms:.1f} ms)"
+
+
+def knee(candidates: Sequence[Candidate], measured: bool) -> Candidate:
+    front = [
+        c
+        for c in candidates
+        if not any(
+            o.predicted_ms <= c.predicted_ms
+            and _score(o, measured) >= _score(c, measured)
+            and (o.predicted_ms < c.predicted_ms or _score(o, measured) > _score(c, measured))
+            for o in candidates
+        )
+    ]
+    lat = [c.predicted_ms for c in front]
+    acc = [_score(c, measured)[1] for c in front]
+    lat_span = (max(lat) - min(lat)) or 1.0
+    acc_span = (max(acc) - min(acc)) or 1.0
+
+    def gain(c: Candidate) -> tuple[float, float]:
+        a = (_score(c, measured)[1] - min(acc)) / acc_span
+        return a - (c.predicted_ms - min(lat)) / lat_span, a
+
+    return max(front, key=gain)
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    choice: Choice,
+    *,
+    default_mode: Mode,
+    fast_tolerance: float,
+    queue_ms: float = 0.0,
+) -> Route:
+    given = [
+        name
+        for name in ("level", "mode", "max_latency_ms", "min_iou")
+        if getattr(choice, name) is not None
+    ]
+    if len(given) > 1:
+        raise BadParameter(f"give at most one of level, mode, max_latency_ms, min_iou; got {given}")
+    pool = [c for c in candidates if choice.precision in ("auto", c.precision)]
+    if not pool:
+        raise BadParameter(f"no {choice.precision} graph in this model repository")
+    measured = any(c.iou is not None for c in pool)
+
+    def accuracy(c: Candidate) -> tuple[tuple[float, float], float]:
+        return _score(c, measured), -c.predicted_ms
+
+    def fastest(cs: Sequence[Candidate]) -> Candidate:
+        return min(cs, key=lambda c: (c.predicted_ms, [-x for x in _score(c, measured)]))
+
+    if choice.level is not None:
+        level = [c for c in pool if c.level == choice.level]
+        if not level:
+            raise BadParameter(f"no {choice.precision} graph of level {choice.level}")
+        best = min(level, key=lambda c: (c.output != "logits", c.precision != "fp32", c.name))
+        return Route(best.name, "level", f"level={choice.level} requested: {best.name}")
+
+    if choice.max_latency_ms is not None:
+        budget = choice.max_latency_ms
+        fits = [c for c in pool if queue_ms + c.predicted_ms <= budget]
+        if fits:
+            best = max(fits, key=accuracy)
+            return Route(
+                best.name,
+                "max_latency_ms",
+                f"max_latency_ms={budget:g}: most accurate predicted to fit, {_describe(best)} "
+                f"+ queue {queue_ms:.1f} ms",
+            )
+        best = fastest(pool)
+        return Route(
+            best.name,
+            "max_latency_ms",
+            f"max_latency_ms={budget:g}: budget missed, no graph fits; fastest is "
+            f"{_describe(best)} + queue {queue_ms:.1f} ms",
+            missed=True,
+        )
+
+    if choice.min_iou is not None:
+        floor = choice.min_iou
+        reach = [c for c in pool if c.iou is not None and c.iou >= floor]
+        if reach:
+            best = fastest(reach)
+            return Route(
+                best.name, "min_iou", f"min_iou={floor:g}: fastest reaching it, {_describe(best)}"
+            )
+        best = max(pool, key=accuracy)
+        return Route(
+            best.name,
+            "min_iou",
+            f"min_iou={floor:g}: floor missed, no graph reaches it; most accurate is "
+            f"{_describe(best)}",
+            missed=True,
+        )
+
+    mode = choice.mode or default_mode
+    if mode == "accurate":
+        best = max(pool, key=accuracy)
+        why = "best measured accuracy" if measured else "deepest level (no accuracy measured)"
+    elif mode == "fast":
+        if measured:
+            top = max(c.iou for c in pool if c.iou is not None)
+            near = [c for c in pool if c.iou is not None and c.iou >= top - fast_tolerance - 1e-9]
+            why = f"fastest within {fast_tolerance:g} IoU of the best ({top:.3f})"
+        else:
+            near, why = pool, "fastest (no accuracy measured)"
+        best = fastest(near)
+    else:
+        best = knee(pool, measured)
+        why = "knee of the accuracy/latency front"
+    return Route(best.name, "mode", f"mode={mode}: {why}, {_describe(best)}")

@@ -1,0 +1,29 @@
+"""Liveness and readiness, separately: alive while the process serves HTTP; ready once the model
+repository is verified, its sessions are open and calibrated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from unetpp.server.deps import ServiceDep, StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz(state: StateDep) -> dict[str, str]:
+    return {"status": "alive", "model": state.status}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: the model is loaded, verified and calibrated",
+    responses={503: {"description": "loading, or failed (the detail says why)"}},
+)
+async def readyz(service: ServiceDep) -> dict[str, Any]:
+    return {
+        "status": "ready",
+        "device": service.model.device,
+        "graphs": list(service.runners),
+    }

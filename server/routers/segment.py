@@ -1,0 +1,205 @@
+"""POST /v1/segment: one image in, a mask (or probabilities) out, from the graph the request's
+routing parameters choose."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+from unetpp.core.imageio import decode_image
+from unetpp.core.inference import logit_threshold
+from unetpp.server import encoders
+from unetpp.server.deps import ServiceDep, SettingsDep
+from unetpp.server.errors import BadParameter, DeadlineExceeded, UnsupportedMediaType
+from unetpp.server.router import Choice, Precision
+from unetpp.server.settings import Mode
+
+router = APIRouter(prefix="/v1", tags=["segmentation"])
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff")
+
+
+class SegmentParams(BaseModel):
+    """Routing (at most one of level, mode, max_latency_ms, min_iou; none: the default mode),
+    precision, output format and deadline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: int | None = Field(None, ge=1, le=4, description="pruning depth L1..L4, explicitly")
+    mode: Mode | None = Field(
+        None,
+        description="fast: fastest within the IoU tolerance of the best; balanced: knee of the "
+        "accuracy/latency front; accurate: best measured IoU",
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0, description="latency budget incl. queue wait; the most accurate graph that fits"
+    )
+    min_iou: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="accuracy floor; the fastest graph whose measured IoU reaches it",
+    )
+    precision: Precision = Field("auto", description="fp32, int8, or auto (either)")
+    format: Literal["png", "json", "overlay", "probabilities"] = Field(
+        "png",
+        description="png: 0/255 mask; json: RLE mask, area, bbox, graph, timings; overlay: the "
+        "image with the mask drawn; probabilities: see `encoding`",
+    )
+    encoding: Literal["png16", "npy"] = Field(
+        "png16", description="for format=probabilities: 16-bit PNG (p * 65535) or float32 NPY"
+    )
+    deadline_ms: float | None = Field(
+        None, gt=0, description="give up after this long (default and cap: the server's timeout)"
+    )
+
+    def choice(self) -> Choice:
+        return Choice(self.level, self.mode, self.max_latency_ms, self.min_iou, self.precision)
+
+
+REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}},
+                "required": ["image"],
+            }
+        },
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+    },
+    "description": "PNG, JPEG or TIFF; 8/16-bit; grey, RGB, RGBA or palette. Multipart field "
+    "`image`, or the raw body with an image content type.",
+}
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The result; headers X-UNetPP-Graph, -Level, -Precision, -Route-Reason, "
+        "-Inference-Ms, -Queue-Ms (and -Target-Missed when a budget or floor was missed)",
+        "content": {
+            "image/png": {},
+            "application/json": {},
+            "application/x-npy": {},
+        },
+    },
+    400: {"description": "undecodable image"},
+    413: {"description": "body, pixels or a side above the limits"},
+    415: {"description": "not an image content type, or an unsupported image format"},
+    422: {"description": "bad or conflicting parameters"},
+    503: {"description": "not ready, or queue full (Retry-After)"},
+    504: {"description": "deadline exceeded"},
+}
+
+
+async def read_image_bytes(request: Request) -> bytes:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=16) as form:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise BadParameter("the multipart body needs a file field named 'image'")
+            return await upload.read()
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return await request.body()
+    raise UnsupportedMediaType(
+        f"content type {content_type or '(none)'!r}: send the image as multipart field 'image' "
+        f"or as the body with an image content type ({', '.join(IMAGE_TYPES)})"
+    )
+
+
+@router.post(
+    "/segment",
+    summary="Segment one image",
+    openapi_extra={"requestBody": REQUEST_BODY},
+    responses=RESPONSES,
+    response_class=Response,
+)
+async def segment(
+    request: Request,
+    params: Annotated[SegmentParams, Query()],
+    service: ServiceDep,
+    settings: SettingsDep,
+) -> Response:
+    """Decode, preprocess (the manifest's recipe), choose a graph, run it batched with other
+    requests (tiled above the size limit), threshold and encode. The mask has the input's size."""
+    start = time.monotonic()
+    choice = params.choice()
+    timeout_ms = min(params.deadline_ms or settings.timeout_ms, settings.timeout_ms)
+    deadline = start + timeout_ms / 1000.0
+    manifest = service.model.manifest
+    try:
+        async with asyncio.timeout(timeout_ms / 1000.0), service.admit() as admission:
+            data = await read_image_bytes(request)
+            image = await asyncio.to_thread(
+                decode_image, data, max_pixels=settings.max_pixels, max_side=settings.max_side
+            )
+            x = await asyncio.to_thread(manifest.preprocessing, image)
+            plan = service.plan(*image.shape[:2])
+            route = service.route(choice, plan)
+            admission.submitting()
+            result = await service.infer(route.graph, x, plan, deadline)
+            logits = result.logits[0]
+            mask = logits > logit_threshold(manifest.threshold)
+            graph = service.runners[route.graph].graph
+            total_ms = 1000.0 * (time.monotonic() - start)
+            timings = {
+                "queue_ms": round(result.queue_ms, 3),
+                "inference_ms": round(result.inference_ms, 3),
+                "total_ms": round(total_ms, 3),
+                "batches": result.batches,
+                "largest_batch": result.largest_batch,
+                "tiles": plan.tiles,
+            }
+            headers = {
+                "X-UNetPP-Graph": graph.name,
+                "X-UNetPP-Level": str(graph.level),
+                "X-UNetPP-Precision": graph.precision,
+                "X-UNetPP-Route-Reason": route.reason,
+                "X-UNetPP-Inference-Ms": f"{result.inference_ms:.3f}",
+                "X-UNetPP-Queue-Ms": f"{result.queue_ms:.3f}",
+            }
+            if route.missed:
+                headers["X-UNetPP-Target-Missed"] = route.rule
+            if params.format == "json":
+                body = {
+                    "width": int(mask.shape[1]),
+                    "height": int(mask.shape[0]),
+                    "graph": {
+                        "name": graph.name,
+                        "level": graph.level,
+                        "precision": graph.precision,
+                        "output": graph.output,
+                    },
+                    "route": {"rule": route.rule, "reason": route.reason, "missed": route.missed},
+                    "threshold": manifest.threshold,
+                    "mask": await asyncio.to_thread(encoders.mask_json, mask),
+                    "timings": timings,
+                }
+                return JSONResponse(body, headers=headers)
+            content, media_type = await asyncio.to_thread(_encode, params, image, mask, logits)
+            return Response(content, media_type=media_type, headers=headers)
+    except TimeoutError as exc:
+        raise DeadlineExceeded(
+            f"no result within the deadline of {timeout_ms:g} ms; "
+            "try a faster mode, a smaller image or a larger deadline_ms"
+        ) from exc
+
+
+def _encode(
+    params: SegmentParams, image: np.ndarray, mask: np.ndarray, logits: np.ndarray
+) -> tuple[bytes, str]:
+    if params.format == "png":
+        return encoders.mask_png(mask), "image/png"
+    if params.format == "overlay":
+        return encoders.overlay_png(image, mask), "image/png"
+    probabilities = encoders.sigmoid(logits)
+    if params.encoding == "npy":
+        return encoders.probabilities_npy(probabilities), "application/x-npy"
+    return encoders.probabilities_png16(probabilities), "image/png"

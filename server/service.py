@@ -1,0 +1,284 @@
+"""The serving engine of one loaded model: calibration, routing, admission, batched inference.
+
+Lives on the event loop. CPU-heavy steps (decoding, preprocessing, encoding) are the caller's
+to run in threads; inference runs in the batcher's threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from unetpp.core.inference import measure_latency
+from unetpp.core.preprocess import crop_to, pad_to_multiple, padding_for
+from unetpp.server import tiling
+from unetpp.server.batcher import Batcher, ItemResult
+from unetpp.server.errors import DeadlineExceeded, QueueFull
+from unetpp.server.latency import LatencyPredictor
+from unetpp.server.router import Candidate, Choice, Route, choose
+from unetpp.server.runtime import LoadedModel, Runner
+from unetpp.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an image of a given size runs: its padded size, and tiles when it is large."""
+
+    height: int  # padded
+    width: int
+    tiles: int  # 0: whole image in one run
+    run_pixels: int  # pixels of one network input
+
+    def predict(self, predictor: LatencyPredictor, graph: str) -> float:
+        return max(self.tiles, 1) * predictor.predict(graph, self.run_pixels)
+
+
+@dataclass(frozen=True)
+class Inference:
+    logits: np.ndarray  # K x H x W at the image's own size
+    queue_ms: float
+    inference_ms: float
+    batches: int
+    largest_batch: int
+
+
+class Admission:
+    """A request admitted to the queue; `submitting()` says it will not join further batches."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._preparing = True
+        batcher.preparing += 1
+
+    def submitting(self) -> None:
+        if self._preparing:
+            self._preparing = False
+            self._batcher.preparing -= 1
+            self._batcher.notify()
+
+
+class Service:
+    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        self.predictor = LatencyPredictor()
+        self.calibration: dict[str, dict[int, float]] = {}
+        self.batcher = Batcher(
+            self._run,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            workers=settings.workers,
+            on_batch=self._observe,
+        )
+        self.in_flight = 0
+        self.requests: dict[str, int] = dict.fromkeys(model.runners, 0)
+        self.missed: dict[str, int] = dict.fromkeys(model.runners, 0)
+
+    @property
+    def runners(self) -> dict[str, Runner]:
+        return self.model.runners
+
+    def calibrate(self) -> None:
+        """Warm every graph up and measure it at the reference and the tile size (blocking)."""
+        manifest = self.model.manifest
+        sizes = sorted({manifest.reference_size, self.settings.tile_size})
+        for name, runner in self.runners.items():
+            for size in sizes:
+                ms = measure_latency(
+                    runner.session,
+                    size,
+                    manifest.in_channels,
+                    runner.graph.output,
+                    repeats=self.settings.calibration_repeats,
+                )
+                self.predictor.seed(name, size * size, ms)
+                self.calibration.setdefault(name, {})[size] = round(ms, 3)
+            log.info("calibrated %s: %s ms", name, self.calibration[name])
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    def _run(self, graph: str, batch: np.ndarray) -> np.ndarray:
+        return self.runners[graph](batch)
+
+    def _observe(self, graph: str, size: int, pixels: int, run_ms: float) -> None:
+        self.predictor.observe(graph, pixels, run_ms / size)
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[Admission]:
+        if self.in_flight >= self.settings.max_queue:
+            retry = (self.batcher.queue_wait_ms() + self.settings.max_wait_ms) / 1000.0
+            raise QueueFull(
+                f"{self.in_flight} requests in flight, the limit is {self.settings.max_queue}",
+                retry_after=retry,
+            )
+        self.in_flight += 1
+        admission = Admission(self.batcher)
+        try:
+            yield admission
+        finally:
+            admission.submitting()
+            self.in_flight -= 1
+
+    def plan(self, height: int, width: int) -> Plan:
+        multiple = self.model.manifest.preprocessing.multiple
+        pad_h, pad_w = padding_for(height, width, multiple)
+        h, w = height + pad_h, width + pad_w
+        if h * w <= self.settings.tile_above_pixels:
+            return Plan(h, w, 0, h * w)
+        tile, overlap = self.settings.tile_size, self.settings.tile_overlap
+        return Plan(h, w, tiling.count(h, w, tile, overlap), min(tile, h) * min(tile, w))
+
+    def candidates(self, plan: Plan) -> list[Candidate]:
+        out = []
+        for name, runner in self.runners.items():
+            g = runner.graph
+            iou = g.accuracy.iou if g.accuracy else None
+            out.append(
+                Candidate(
+                    name, g.level, g.precision, g.output, iou, plan.predict(self.predictor, name)
+                )
+            )
+        return out
+
+    def route(self, choice: Choice, plan: Plan, *, serve: bool = True) -> Route:
+        """The graph for a request; `serve=False` only looks (no queue wait, nothing counted)."""
+        route = choose(
+            self.candidates(plan),
+            choice,
+            default_mode=self.settings.default_mode,
+            fast_tolerance=self.settings.fast_tolerance,
+            queue_ms=self.batcher.queue_wait_ms() if serve else 0.0,
+        )
+        if not serve:
+            return route
+        self.requests[route.graph] += 1
+        self.missed[route.graph] += route.missed
+        return route
+
+    async def infer(self, graph: str, x: np.ndarray, plan: Plan, deadline: float) -> Inference:
+        """C x H x W preprocessed image -> logits at its own size, via the batcher."""
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded("the request's deadline passed before inference")
+        multiple = self.model.manifest.preprocessing.multiple
+        padded, size = pad_to_multiple(x, multiple)
+        predicted = self.predictor.predict(graph, plan.run_pixels)
+        results: list[ItemResult] = []
+
+        async def run(window: np.ndarray) -> np.ndarray:
+            future = self.batcher.submit(
+                graph, np.ascontiguousarray(window), deadline=deadline, predicted_ms=predicted
+            )
+            result = await future
+            results.append(result)
+            return result.logits
+
+        start = time.monotonic()
+        if plan.tiles:
+            logits = await tiling.infer_tiled(
+                padded,
+                run,
+                tile=self.settings.tile_size,
+                overlap=self.settings.tile_overlap,
+                in_flight=2 * self.settings.max_batch,
+            )
+        else:
+            logits = await run(padded)
+        wall_ms = 1000.0 * (time.monotonic() - start)
+        batches = {r.batch_id: r for r in results}
+        inference_ms = sum(r.run_ms for r in batches.values())
+        queue_ms = results[0].queue_ms if len(results) == 1 else max(wall_ms - inference_ms, 0.0)
+        return Inference(
+            crop_to(logits, size),
+            queue_ms,
+            inference_ms,
+            len(batches),
+            max(r.batch_size for r in results),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What GET /v1/models shows: the model, each graph's figures, the queue."""
+        manifest = self.model.manifest
+        ref = manifest.reference_size
+        ref_plan = Plan(ref, ref, 0, ref * ref)
+        modes = {
+            mode: self.route(Choice(mode=mode), ref_plan, serve=False).graph
+            for mode in ("fast", "balanced", "accurate")
+        }
+        graphs = []
+        for name, runner in self.runners.items():
+            g = runner.graph
+            stats = self.batcher.stats.get(name)
+            graphs.append(
+                {
+                    "name": name,
+                    "level": g.level,
+                    "precision": g.precision,
+                    "output": g.output,
+                    "file": g.file,
+                    "parameters": g.parameters,
+                    "gflops": g.gflops,
+                    "accuracy": None
+                    if g.accuracy is None
+                    else {
+                        "iou": g.accuracy.iou,
+                        "dice": g.accuracy.dice,
+                        "images": g.accuracy.images,
+                        "data": g.accuracy.data,
+                    },
+                    "latency_ms": {
+                        "export": g.latency_ms,
+                        "calibrated": {
+                            str(k): v for k, v in self.calibration.get(name, {}).items()
+                        },
+                        "live": {
+                            str(k): round(v, 3) for k, v in self.predictor.known(name).items()
+                        },
+                        "predicted_at_reference": round(ref_plan.predict(self.predictor, name), 3),
+                    },
+                    "served": {
+                        "requests": self.requests[name],
+                        "missed_targets": self.missed[name],
+                        "observations": self.predictor.observations(name),
+                        "batches": stats.batches if stats else 0,
+                        "images": stats.images if stats else 0,
+                        "max_batch": stats.max_batch if stats else 0,
+                        "batch_sizes": {str(k): v for k, v in sorted(stats.sizes.items())}
+                        if stats
+                        else {},
+                    },
+                }
+            )
+        return {
+            "model": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "arch": manifest.arch,
+                "in_channels": manifest.in_channels,
+                "num_classes": manifest.num_classes,
+                "threshold": manifest.threshold,
+                "reference_size": ref,
+                "preprocessing": manifest.preprocessing.to_dict(),
+                "directory": str(self.model.directory),
+            },
+            "device": self.model.device,
+            "providers": list(self.model.providers),
+            "modes_at_reference": modes,
+            "graphs": graphs,
+            "queue": {
+                "in_flight": self.in_flight,
+                "max_queue": self.settings.max_queue,
+                "queued_items": self.batcher.queued,
+                "predicted_wait_ms": round(self.batcher.queue_wait_ms(), 3),
+            },
+        }
