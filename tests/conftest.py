@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,20 @@ TINY_WIDTHS = (4, 8, 16, 32, 64)
 TINY_VAL_SIZE = (72, 100)  # not multiples of 16: evaluation pads and crops back
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread: on a busy shared 2-core machine, two OpenMP threads can run a tiny
+    model 100x slower (each waits for the other at every barrier)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_samples(split: str, count: int = 4) -> list:
     """Synthetic samples cropped to TINY_VAL_SIZE (fast to run through a tiny model)."""
     from unetpp.core.datasets import Sample, synthetic_split
@@ -73,11 +89,12 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = torch.from_numpy(np.stack([prep(s.image[:64, :96]) for s in train]))
     y = torch.from_numpy(np.stack([s.mask[None, :64, :96] for s in train])).float()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(h, y) for h in model(x))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with one_torch_thread():
+        for _ in range(30):
+            loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(h, y) for h in model(x))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     ckpt = Checkpoint(cfg, prep, model.state_dict(), data={"source": "synthetic"})
     return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", ckpt)
 
@@ -89,11 +106,12 @@ def tiny_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     from unetpp.export.repository import ExportOptions, export_repository
 
     out = tmp_path_factory.mktemp("tiny_repository") / "models"
-    export_repository(
-        tiny_checkpoint,
-        out,
-        val_samples=tiny_samples("val"),
-        val_data="synthetic:val",
-        options=ExportOptions(int8=False, ensemble="always"),
-    )
+    with one_torch_thread():
+        export_repository(
+            tiny_checkpoint,
+            out,
+            val_samples=tiny_samples("val"),
+            val_data="synthetic:val",
+            options=ExportOptions(int8=False, ensemble="always"),
+        )
     return out

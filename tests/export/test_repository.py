@@ -1,25 +1,47 @@
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import onnx
-from unetpp.core.manifest import load_repository
-from unetpp.export.graphs import initializer_parameters
+import pytest
+from unetpp.core.errors import ModelRepositoryError
+from unetpp.core.manifest import SCHEMA_VERSION, load_repository, read_manifest
+from unetpp.export.graphs import check_graph, initializer_parameters
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.unetpp import count_parameters
 
 
 def test_tiny_repository_has_every_level_and_the_ensemble(tiny_repository: Path) -> None:
     manifest = load_repository(tiny_repository)
+    assert manifest.schema_version == SCHEMA_VERSION
     assert [g.name for g in manifest.graphs] == ["L1", "L2", "L3", "L4", "ensemble"]
-    assert {g.file for g in manifest.graphs} == {f"L{k}.onnx" for k in range(1, 5)}
+    assert sorted(p.name for p in tiny_repository.iterdir()) == sorted(
+        ["model.json", *(f"L{k}.onnx" for k in range(1, 5))]
+    )
     ensemble = manifest.graph("ensemble")
     assert (ensemble.file, ensemble.output, ensemble.level) == ("L4.onnx", "ensemble", 4)
+    assert manifest.extra["ensemble"]["offered"] is True
     for graph in manifest.graphs:
         assert graph.precision == "fp32" and graph.validated
         assert graph.accuracy is not None and graph.accuracy.images == 4
-        assert 0.0 <= graph.accuracy.iou <= graph.accuracy.dice <= 1.0
+        assert 0.0 < graph.accuracy.iou <= graph.accuracy.dice <= 1.0
         assert graph.latency_ms["256"] > 0
+    # deeper levels cost more
+    flops = [manifest.graph(f"L{k}").gflops for k in range(1, 5)]
+    assert flops == sorted(flops) and flops[0] > 0
+
+
+def test_graphs_are_standalone_valid_and_bn_folded(tiny_repository: Path) -> None:
+    for level in range(1, 5):
+        outputs = ("logits", "ensemble") if level == 4 else ("logits",)
+        model = check_graph(tiny_repository / f"L{level}.onnx", outputs)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+        ops = {node.op_type for node in model.graph.node}
+        assert "BatchNormalization" not in ops and "Conv" in ops
+        image = model.graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in image] == ["N", 1, "H", "W"]
 
 
 def test_parameters_are_those_of_the_pruned_level(
@@ -39,3 +61,40 @@ def test_parameters_are_those_of_the_pruned_level(
     }
     expected = {k: count_parameters(model.prune(k)) for k in (1, 2, 3)} | {4: with_heads}
     assert stored == expected
+
+
+def test_a_tampered_or_missing_graph_is_refused(tiny_repository: Path, tmp_path: Path) -> None:
+    repo = shutil.copytree(tiny_repository, tmp_path / "models")
+    data = bytearray((repo / "L2.onnx").read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the weights
+    (repo / "L2.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelRepositoryError, match=r"graph L2: .* modified or replaced"):
+        load_repository(repo)
+    (repo / "L2.onnx").unlink()
+    with pytest.raises(ModelRepositoryError, match=r"graph L2: .* missing"):
+        load_repository(repo)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sha256", "abc", "sha256"),
+        ("parameters", -5, "parameters"),
+        ("parameters", "8113", "parameters"),
+        ("latency_ms", {"fast": 1.0}, "latency_ms"),
+        ("accuracy", {"iou": 1.5, "dice": 0.5, "images": 4, "data": "x"}, "iou"),
+        ("level", 5, "level must be 1..4"),
+        ("precision", "int4", "unknown precision"),
+    ],
+)
+def test_manifest_schema_is_validated(
+    tiny_repository: Path, tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    repo = shutil.copytree(tiny_repository, tmp_path / "models")
+    path = repo / "model.json"
+    data = json.loads(path.read_text())
+    assert read_manifest(repo).to_dict() == data  # what export writes is what the reader reads
+    data["graphs"][1][field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelRepositoryError, match=message):
+        read_manifest(repo)
