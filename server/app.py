@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from unetpp.server.errors import BodyTooLarge, error_response, install_handlers
-from unetpp.server.routers import health, models, segment
+from unetpp.server.routers import health, models, segment, web
 from unetpp.server.settings import Settings
 from unetpp.server.state import ServerState
 
@@ -79,6 +79,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    for module in (health, models, segment):
+    for module in (health, models, segment, web):
         app.include_router(module.router)
     return app
