@@ -51,6 +51,60 @@ def _data_arguments(p: argparse.ArgumentParser, flag: str, required: bool) -> No
     p.add_argument("--val-dir", help="a folder source's separate validation folder")
 
 
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers, got {text!r}"
+            ) from exc
+
+    return parse
+
+
+@command(
+    "train",
+    "unetpp.model.train:main",
+    "train UNet++ (or a U-Net baseline) with deep supervision and per-level validation",
+)
+def _train(p: argparse.ArgumentParser) -> None:
+    # Defaults live in unetpp.model.train.TrainConfig (shown here); flags left out stay None so
+    # that --resume can tell them from the checkpoint's own settings.
+    _data_arguments(p, "--data", required=False)
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="writes best.pt, last.pt, metrics.jsonl"
+    )
+    p.add_argument("--arch", choices=("unetpp", "unet", "wide_unet"), help="(default unetpp)")
+    p.add_argument(
+        "--no-deep-supervision",
+        dest="deep_supervision",
+        action="store_const",
+        const=False,
+        help="train only the deepest head (UNet++)",
+    )
+    p.add_argument(
+        "--widths", type=_numbers(int), help="five channel counts (default 32,64,128,256,512)"
+    )
+    p.add_argument("--epochs", type=int, help="(default 20 when no --time-budget either)")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop when spent")
+    p.add_argument("--stop-at-step", type=int, help="pause after this step; continue with --resume")
+    p.add_argument("--crop", type=int, help="training crop side, a multiple of 16 (default 96)")
+    p.add_argument("--batch-size", type=int, help="crops per step and process (default 8)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4), cosine-annealed")
+    p.add_argument("--seed", type=int, help="weights and augmentation (default 0)")
+    p.add_argument(
+        "--epoch-crops", type=int, help="crops per epoch (default: cover the training pixels once)"
+    )
+    p.add_argument(
+        "--head-weights", type=_numbers(float), help="loss weights of L1..L4 (default equal)"
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(default auto)")
+    p.add_argument("--workers", type=int, help="data loader processes (default 0)")
+    p.add_argument("--resume", metavar="CKPT", help="a last.pt to continue exactly")
+    p.add_argument("--nproc", type=int, default=1, help="DDP processes on this machine (default 1)")
+
+
 @command(
     "export",
     "unetpp.export.repository:main",
@@ -102,6 +156,21 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="train, val or test (default test)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("demo", "unetpp.demo:main", "build the default model once (train + export), then serve it")
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", choices=("synthetic", "hela"), default="synthetic", help="(default synthetic)"
+    )
+    p.add_argument(
+        "--time-budget", type=float, default=4.0, metavar="MINUTES", help="training (default 4)"
+    )
+    p.add_argument("--cache-dir", help="where the repository is kept (default $UNETPP_CACHE)")
+    p.add_argument("--rebuild", action="store_true", help="train and export again")
+    p.add_argument("--build-only", action="store_true", help="build the repository, do not serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
 
 
 def build_parser() -> argparse.ArgumentParser:
