@@ -4,7 +4,7 @@ Per graph it keeps one running average per pixel count (the padded network input
 calibration at start-up seeds it, every batch the server runs updates it (the batch's time
 divided by its images, so predictions follow throughput under load). A pixel count never seen
 is predicted from the two nearest known ones along a line (latency grows about linearly with
-pixels), with a non-negative slope. Used from the event loop only.
+pixels), through the nearer one, with a non-negative slope. Used from the event loop only.
 """
 
 from __future__ import annotations
@@ -49,4 +49,5 @@ class LatencyPredictor:
         p1, p2 = keys[i - 1], keys[i]
         v1, v2 = points[p1], points[p2]
         slope = max((v2 - v1) / (p2 - p1), 0.0)
-        return max(v1 + slope * (pixels - p1), 1e-3)
+        anchor = p1 if abs(pixels - p1) <= abs(pixels - p2) else p2
+        return max(points[anchor] + slope * (pixels - anchor), 1e-3)

@@ -22,7 +22,7 @@ measured, the deeper level counts as the more accurate.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from unetpp.server.errors import BadParameter
@@ -58,6 +58,8 @@ class Route:
     rule: str  # "level", "mode", "max_latency_ms", "min_iou"
     reason: str
     missed: bool = False  # the budget or the accuracy floor could not be met
+    candidates: tuple[Candidate, ...] = ()  # what was weighed (after the precision filter)
+    queue_ms: float = 0.0  # the predicted queue wait that was added to each candidate
 
 
 def _score(candidate: Candidate, measured: bool) -> tuple[float, float]:
@@ -103,6 +105,18 @@ def choose(
     fast_tolerance: float,
     queue_ms: float = 0.0,
 ) -> Route:
+    pool = [c for c in candidates if choice.precision in ("auto", c.precision)]
+    route = _choose(pool, choice, default_mode, fast_tolerance, queue_ms)
+    return replace(route, candidates=tuple(pool), queue_ms=queue_ms)
+
+
+def _choose(
+    pool: list[Candidate],
+    choice: Choice,
+    default_mode: Mode,
+    fast_tolerance: float,
+    queue_ms: float,
+) -> Route:
     given = [
         name
         for name in ("level", "mode", "max_latency_ms", "min_iou")
@@ -110,7 +124,6 @@ def choose(
     ]
     if len(given) > 1:
         raise BadParameter(f"give at most one of level, mode, max_latency_ms, min_iou; got {given}")
-    pool = [c for c in candidates if choice.precision in ("auto", c.precision)]
     if not pool:
         raise BadParameter(f"no {choice.precision} graph in this model repository")
     measured = any(c.iou is not None for c in pool)

@@ -177,7 +177,16 @@ async def segment(
                         "precision": graph.precision,
                         "output": graph.output,
                     },
-                    "route": {"rule": route.rule, "reason": route.reason, "missed": route.missed},
+                    "route": {
+                        "rule": route.rule,
+                        "reason": route.reason,
+                        "missed": route.missed,
+                        "queue_ms": route.queue_ms,
+                        "candidates": [
+                            {"name": c.name, "iou": c.iou, "predicted_ms": c.predicted_ms}
+                            for c in route.candidates
+                        ],
+                    },
                     "threshold": manifest.threshold,
                     "mask": await asyncio.to_thread(encoders.mask_json, mask),
                     "timings": timings,
