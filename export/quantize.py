@@ -20,6 +20,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import INPUT_NAME
 
@@ -76,6 +77,7 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     """fp16 weights and compute, float32 input and outputs (same interface as the fp32 graph)."""
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+    model.topological_sort()  # the converter appends the input casts after their readers
+    onnx.save(model.model, str(dst))
     return Path(dst)

@@ -338,6 +338,7 @@ def _fp16_variants(builder: _Builder, fp32: list[_Entry]) -> list[_Entry]:
         target = entry.file.replace(".onnx", ".fp16.onnx")
         if not (builder.directory / target).exists():
             convert_fp16(builder.directory / entry.file, builder.directory / target)
+            check_graph(builder.directory / target, _outputs(fp32, entry.file))
         variant = _Entry(
             f"{entry.name}.fp16", entry.level, entry.module, target, entry.output,
             precision="fp16", validated=gpu,
