@@ -392,16 +392,20 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """`unetpp export`: see unetpp/cli.py for the arguments."""
-    source = args.val_data or load_checkpoint(args.checkpoint).data.get("source")
+    # By default the data the checkpoint was trained on, split the same way.
+    trained_on = {} if args.val_data else load_checkpoint(args.checkpoint).data
+    source = args.val_data or trained_on.get("source")
     if not source:
         raise InvalidInput(
             "the checkpoint does not say what it was trained on; pass --val-data "
             "synthetic|hela|PATH (validation images for accuracy, parity and int8 calibration)"
         )
-    val = load_split(source, args.val_split, val_dir=args.val_dir)
-    calibration = (
-        load_split(source, "train", val_dir=args.val_dir)[: args.calib_images] if args.int8 else []
-    )
+    split = {
+        "seed": trained_on.get("seed", 0),
+        "val_dir": args.val_dir or trained_on.get("val_dir"),
+    }
+    val = load_split(source, args.val_split, **split)
+    calibration = load_split(source, "train", **split)[: args.calib_images] if args.int8 else []
     options = ExportOptions(
         opset=args.opset,
         int8=args.int8,
