@@ -141,42 +141,21 @@ def _choose(
         best = min(level, key=lambda c: (c.output != "logits", c.precision != "fp32", c.name))
         return Route(best.name, "level", f"level={choice.level} requested: {best.name}")
 
-    if choice.max_latency_ms is not None:
-        budget = choice.max_latency_ms
-        fits = [c for c in pool if queue_ms + c.predicted_ms <= budget]
-        if fits:
-            best = max(fits, key=accuracy)
-            return Route(
-                best.name,
-                "max_latency_ms",
-                f"max_latency_ms={budget:g}: most accurate predicted to fit, {_describe(best)} "
-                f"+ queue {queue_ms:.1f} ms",
-            )
-        best = fastest(pool)
-        return Route(
-            best.name,
-            "max_latency_ms",
-            f"max_latency_ms={budget:g}: budget missed, no graph fits; fastest is "
-            f"{_describe(best)} + queue {queue_ms:.1f} ms",
-            missed=True,
-        )
-
-    if choice.min_iou is not None:
-        floor = choice.min_iou
-        reach = [c for c in pool if c.iou is not None and c.iou >= floor]
-        if reach:
-            best = fastest(reach)
-            return Route(
-                best.name, "min_iou", f"min_iou={floor:g}: fastest reaching it, {_describe(best)}"
-            )
-        best = max(pool, key=accuracy)
-        return Route(
-            best.name,
-            "min_iou",
-            f"min_iou={floor:g}: floor missed, no graph reaches it; most accurate is "
-            f"{_describe(best)}",
-            missed=True,
-        )
+    if choice.max_latency_ms is not None or choice.min_iou is not None:
+        if choice.max_latency_ms is not None:
+            rule, value = "max_latency_ms", choice.max_latency_ms
+            met = [c for c in pool if queue_ms + c.predicted_ms <= value]
+            best = max(met, key=accuracy) if met else fastest(pool)
+            how = "most accurate predicted to fit" if met else "budget missed, none fits; fastest"
+            tail = f" + queue {queue_ms:.1f} ms"
+        else:
+            rule, value = "min_iou", choice.min_iou
+            met = [c for c in pool if c.iou is not None and c.iou >= value]
+            best = fastest(met) if met else max(pool, key=accuracy)
+            how = "fastest reaching it" if met else "floor missed, none reaches it; most accurate"
+            tail = ""
+        reason = f"{rule}={value:g}: {how}: {_describe(best)}{tail}"
+        return Route(best.name, rule, reason, missed=not met)
 
     mode = choice.mode or default_mode
     if mode == "accurate":
