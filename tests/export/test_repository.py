@@ -98,3 +98,25 @@ def test_manifest_schema_is_validated(
     path.write_text(json.dumps(data))
     with pytest.raises(ModelRepositoryError, match=message):
         read_manifest(repo)
+
+
+def test_a_unet_baseline_exports_as_one_graph_without_accuracy(tmp_path: Path) -> None:
+    from unetpp.core.preprocess import Preprocessing
+    from unetpp.export.repository import ExportOptions, export_repository
+    from unetpp.model.checkpoint import Checkpoint, save_checkpoint
+    from unetpp.model.unetpp import ModelConfig, build_model
+
+    cfg = ModelConfig(arch="unet", widths=(4, 8, 16, 32, 64), deep_supervision=False)
+    model = build_model(cfg)
+    ckpt = save_checkpoint(
+        tmp_path / "unet.pt", Checkpoint(cfg, Preprocessing(), model.state_dict())
+    )
+    options = ExportOptions(int8=False, latency_sizes=(64,))
+    manifest = export_repository(ckpt, tmp_path / "models", options=options)
+    (graph,) = manifest.graphs
+    assert (graph.name, graph.level, graph.accuracy) == ("L4", 4, None)
+    assert graph.parameters == count_parameters(model) > 0
+    assert set(graph.latency_ms) == {"64"}
+    assert manifest.arch == "unet"
+    assert manifest.extra["ensemble"] == {"offered": False, "reason": "the model has one head"}
+    assert load_repository(tmp_path / "models") == manifest
