@@ -31,7 +31,7 @@ from unetpp.core.inference import (
     measure_latency,
 )
 from unetpp.core.manifest import Accuracy, Graph, Manifest, sha256_file, write_manifest
-from unetpp.core.preprocess import pad_to_multiple
+from unetpp.core.preprocess import Preprocessing, pad_to_multiple
 from unetpp.export.graphs import (
     DEFAULT_OPSET,
     LevelWithEnsemble,
@@ -99,7 +99,7 @@ class _Builder:
         samples: Sequence[Sample],
         data: str,
         options: ExportOptions,
-        preprocessing: Any,
+        preprocessing: Preprocessing,
     ) -> None:
         self.directory = directory
         self.in_channels = in_channels
@@ -131,8 +131,9 @@ class _Builder:
             threshold=self.options.threshold,
         )  # fmt: skip
 
-    def measure(self, entry: _Entry) -> None:
-        session = create_session(self.directory / entry.file)
+    def measure(self, entry: _Entry, providers: Sequence[str] | None = None) -> None:
+        """Accuracy on the validation samples and latency, measured on the written file."""
+        session = create_session(self.directory / entry.file, providers=providers)
         if self.samples:
             entry.evaluation = evaluate_session(
                 session, self.samples, self.preprocessing, self.options.threshold, entry.output
@@ -345,13 +346,7 @@ def _fp16_variants(builder: _Builder, fp32: list[_Entry]) -> list[_Entry]:
             note="" if gpu else "not validated: no GPU on the exporting machine",
         )  # fmt: skip
         if gpu:
-            session = create_session(
-                builder.directory / target, providers=["CUDAExecutionProvider"]
-            )
-            variant.evaluation = evaluate_session(
-                session, builder.samples, builder.preprocessing, builder.options.threshold,
-                variant.output,
-            )  # fmt: skip
+            builder.measure(variant, providers=["CUDAExecutionProvider"])
         out.append(variant)
     return out
 
