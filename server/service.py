@@ -6,6 +6,7 @@ to run in threads; inference runs in the batcher's threads.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -171,7 +172,7 @@ class Service:
         if time.monotonic() > deadline:
             raise DeadlineExceeded("the request's deadline passed before inference")
         multiple = self.model.manifest.preprocessing.multiple
-        padded, size = pad_to_multiple(x, multiple)
+        padded, size = await asyncio.to_thread(pad_to_multiple, x, multiple)
         predicted = self.predictor.predict(graph, plan.run_pixels)
         results: list[ItemResult] = []
 

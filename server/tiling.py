@@ -78,6 +78,10 @@ async def infer_tiled(
             weight = wy[i][:, None] * wx[j][None, :]
             total[:, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] += logits * weight
     assert total is not None
-    total /= norm_y[None, :, None]
-    total /= norm_x[None, None, :]
-    return total
+
+    def normalise(total: np.ndarray) -> np.ndarray:
+        total /= norm_y[None, :, None]
+        total /= norm_x[None, None, :]
+        return total
+
+    return await asyncio.to_thread(normalise, total)

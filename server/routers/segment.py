@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from unetpp.core.imageio import decode_image
 from unetpp.core.inference import logit_threshold
+from unetpp.core.manifest import Graph
 from unetpp.server import encoders
 from unetpp.server.deps import ServiceDep, SettingsDep
 from unetpp.server.errors import BadParameter, DeadlineExceeded, UnsupportedMediaType
-from unetpp.server.router import Choice, Precision
+from unetpp.server.router import Choice, Precision, Route
+from unetpp.server.service import Inference
 from unetpp.server.settings import Mode
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
@@ -146,28 +148,18 @@ async def segment(
             admission.submitting()
             result = await service.infer(route.graph, x, plan, deadline)
             logits = result.logits[0]
-            mask = logits > logit_threshold(manifest.threshold)
+            mask = await asyncio.to_thread(np.greater, logits, logit_threshold(manifest.threshold))
             graph = service.runners[route.graph].graph
-            total_ms = 1000.0 * (time.monotonic() - start)
-            timings = {
-                "queue_ms": round(result.queue_ms, 3),
-                "inference_ms": round(result.inference_ms, 3),
-                "total_ms": round(total_ms, 3),
-                "batches": result.batches,
-                "largest_batch": result.largest_batch,
-                "tiles": plan.tiles,
-            }
-            headers = {
-                "X-UNetPP-Graph": graph.name,
-                "X-UNetPP-Level": str(graph.level),
-                "X-UNetPP-Precision": graph.precision,
-                "X-UNetPP-Route-Reason": route.reason,
-                "X-UNetPP-Inference-Ms": f"{result.inference_ms:.3f}",
-                "X-UNetPP-Queue-Ms": f"{result.queue_ms:.3f}",
-            }
-            if route.missed:
-                headers["X-UNetPP-Target-Missed"] = route.rule
+            headers = route_headers(graph, route, result)
             if params.format == "json":
+                timings = {
+                    "queue_ms": round(result.queue_ms, 3),
+                    "inference_ms": round(result.inference_ms, 3),
+                    "total_ms": round(1000.0 * (time.monotonic() - start), 3),
+                    "batches": result.batches,
+                    "largest_batch": result.largest_batch,
+                    "tiles": plan.tiles,
+                }
                 body = {
                     "width": int(mask.shape[1]),
                     "height": int(mask.shape[0]),
@@ -177,21 +169,13 @@ async def segment(
                         "precision": graph.precision,
                         "output": graph.output,
                     },
-                    "route": {
-                        "rule": route.rule,
-                        "reason": route.reason,
-                        "missed": route.missed,
-                        "queue_ms": route.queue_ms,
-                        "candidates": [
-                            {"name": c.name, "iou": c.iou, "predicted_ms": c.predicted_ms}
-                            for c in route.candidates
-                        ],
-                    },
+                    "route": route_json(route),
                     "threshold": manifest.threshold,
                     "mask": await asyncio.to_thread(encoders.mask_json, mask),
                     "timings": timings,
                 }
-                return JSONResponse(body, headers=headers)
+                # rendering a large mask's RLE takes a while: off the event loop too
+                return await asyncio.to_thread(JSONResponse, body, headers=headers)
             content, media_type = await asyncio.to_thread(_encode, params, image, mask, logits)
             return Response(content, media_type=media_type, headers=headers)
     except TimeoutError as exc:
@@ -199,6 +183,32 @@ async def segment(
             f"no result within the deadline of {timeout_ms:g} ms; "
             "try a faster mode, a smaller image or a larger deadline_ms"
         ) from exc
+
+
+def route_headers(graph: Graph, route: Route, result: Inference) -> dict[str, str]:
+    headers = {
+        "X-UNetPP-Graph": graph.name,
+        "X-UNetPP-Level": str(graph.level),
+        "X-UNetPP-Precision": graph.precision,
+        "X-UNetPP-Route-Reason": route.reason,
+        "X-UNetPP-Inference-Ms": f"{result.inference_ms:.3f}",
+        "X-UNetPP-Queue-Ms": f"{result.queue_ms:.3f}",
+    }
+    if route.missed:
+        headers["X-UNetPP-Target-Missed"] = route.rule
+    return headers
+
+
+def route_json(route: Route) -> dict[str, Any]:
+    return {
+        "rule": route.rule,
+        "reason": route.reason,
+        "missed": route.missed,
+        "queue_ms": route.queue_ms,
+        "candidates": [
+            {"name": c.name, "iou": c.iou, "predicted_ms": c.predicted_ms} for c in route.candidates
+        ],
+    }
 
 
 def _encode(

@@ -485,9 +485,10 @@ def test_serve_runs_without_torch(run_without_torch, tiny_repository):
     assert out["level"] in {"1", "2", "3", "4"}
 
 
-def test_python_m_form_without_torch(run_without_torch):
-    result = run_without_torch(
-        "import runpy, sys; sys.argv = ['x', '--help']; runpy.run_module('unetpp.server', run_name='__main__')"
-    )
+def test_python_m_form_without_torch(run_without_torch, tmp_path):
+    run_module = "import runpy, sys; sys.argv = ['x', *sys.argv[1:]]; runpy.run_module('unetpp.server', run_name='__main__')"
+    result = run_without_torch(run_module, "--help")
     assert result.returncode == 0, result.stderr
     assert "--models" in result.stdout
+    result = run_without_torch(run_module, "--models", str(tmp_path), "--port", "-1")
+    assert result.returncode == 2 and "UNETPP_PORT" in result.stderr
