@@ -316,7 +316,7 @@ class Trainer:
         return train, val
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if not state:
+        if "optimizer" not in state:
             raise InvalidInput(
                 "--resume: the checkpoint holds no training state; resume from last.pt"
             )
@@ -342,7 +342,8 @@ class Trainer:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         self._clock = time.monotonic() - self.elapsed
-        reason = None
+        limit = self.config.epoch_limit
+        reason = "epochs" if limit is not None and self.epoch >= limit else None
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from unetpp.core.datasets import load_split
+from unetpp.core.errors import InvalidInput
+from unetpp.core.preprocess import Preprocessing
+from unetpp.model.checkpoint import load_checkpoint
+from unetpp.model.train import TrainConfig, evaluate, train
+
+from unetpp.cli import main as cli_main
+
+TINY = (4, 8, 16, 32, 64)
+LEVELS = ["L1", "L2", "L3", "L4", "ensemble"]
+
+
+def tiny_config(out: Path, **overrides) -> TrainConfig:
+    # 24 crops per epoch, 3 steps of 8
+    base = dict(data="synthetic", out=str(out), widths=TINY, crop=32, batch_size=8, epoch_crops=24)
+    return TrainConfig(**{**base, "epochs": 2, "lr": 3e-3, **overrides})
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a).state_dict, load_checkpoint(b).state_dict
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """Two epochs of 3 steps, uninterrupted."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny_config(out))
+    return out
+
+
+def test_tiny_run_lowers_the_loss_and_writes_a_self_describing_checkpoint(tmp_path):
+    out = train(tiny_config(tmp_path, epochs=5, epoch_crops=64, crop=48))
+    lines = records(out)
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3, 4]
+    assert lines[-1]["train_loss"] < 0.9 * lines[0]["train_loss"]
+    assert set(lines[-1]["train_loss_heads"]) == {"L1", "L2", "L3", "L4"}
+    best = load_checkpoint(out / "best.pt")
+    assert list(best.metrics) == LEVELS
+    assert best.metrics["L4"]["iou"] == max(r["val"]["L4"]["iou"] for r in lines)
+    assert best.metrics["L4"]["iou"] > 0.5  # it learned to find nuclei
+    for scores in best.metrics.values():
+        assert 0 < scores["iou"] <= scores["dice"] <= 1
+    assert best.preprocessing == Preprocessing(channels=1)
+    assert best.config.widths == TINY and best.config.deep_supervision
+    assert best.train_args["crop"] == 48 and best.train_args["lr"] == 3e-3
+    assert best.data["source"] == "synthetic" and len(best.data["val_images"]) == 4
+    # the recorded metrics are what the saved weights score on the validation images
+    rescored = evaluate(best.build(), load_split("synthetic", "val"), best.preprocessing)
+    for level in LEVELS:
+        assert rescored[level]["iou"] == pytest.approx(best.metrics[level]["iou"], abs=1e-3)
+    last = load_checkpoint(out / "last.pt")
+    assert last.training["step"] == 5 * 8 and last.training["epoch"] == 5
+
+
+def test_seeded_runs_are_reproducible(straight, tmp_path):
+    train(tiny_config(tmp_path / "again"))
+    assert_same_weights(straight / "last.pt", tmp_path / "again" / "last.pt")
+    train(tiny_config(tmp_path / "seed1", seed=1))
+    a = load_checkpoint(straight / "last.pt").state_dict
+    b = load_checkpoint(tmp_path / "seed1" / "last.pt").state_dict
+    assert not torch.equal(a["heads.head_4.weight"], b["heads.head_4.weight"])
+
+
+def test_resume_mid_epoch_continues_exactly(straight, tmp_path):
+    config = tiny_config(tmp_path)
+    train(replace(config, stop_at_step=4))  # stops one step into the second epoch
+    paused = load_checkpoint(tmp_path / "last.pt").training
+    assert (paused["epoch"], paused["step_in_epoch"], paused["step"]) == (1, 1, 4)
+    train(config, resume=tmp_path / "last.pt")
+    assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
+    full = records(straight)
+    resumed = [r for r in records(tmp_path) if not r["partial"]]
+    timing = ("elapsed_s", "val_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in timing} for r in full
+    ]
+
+
+def test_resume_refuses_a_different_run(straight):
+    with pytest.raises(InvalidInput, match="--crop"):
+        train(replace(tiny_config(straight), crop=64), resume=straight / "last.pt")
+    with pytest.raises(InvalidInput, match="no training state"):
+        train(tiny_config(straight), resume=straight / "best.pt")
+
+
+def test_time_budget_stops_cleanly_with_a_valid_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, epochs=None, time_budget=0.03, epoch_crops=800))
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last.training["epoch"] == 0 and 0 < last.training["step"] < 100
+    (line,) = records(tmp_path)
+    assert line["partial"] and line["step"] == last.training["step"]
+    assert list(last.metrics) == LEVELS
+    assert line["elapsed_s"] < 0.03 * 60 + 5
+
+
+def test_unet_baseline_trains_its_single_head(tmp_path):
+    train(tiny_config(tmp_path, arch="unet", epochs=1))
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best.config.arch == "unet" and list(best.metrics) == ["L4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tests share 2 cores with other work: one thread per process avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`unetpp train ARGS`, in this process."""
+    code = cli_main(["train", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "/no/such/folder"], "/no/such/folder: no such data folder"),
+        (["--data", "synthetic", "--crop", "50"], "--crop must be a positive multiple of 16"),
+        (["--epochs", "1"], "--data is required"),
+        (["--data", "synthetic", "--resume", "/no/last.pt"], "/no/last.pt: no such checkpoint"),
+        (["--data", "synthetic", "--widths", "4,8"], "--widths needs 5"),
+        (["--data", "synthetic", "--head-weights", "1,1"], "--head-weights needs 4"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, tmp_path, args, message):
+    code, _, err = cli(capsys, "--out", str(tmp_path / "run"), *args)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("unetpp train: error: ") and message in line
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
+def test_ddp_two_cpu_processes(capsys, tmp_path, launcher):
+    args = ["--data", "synthetic", "--out", str(tmp_path), "--widths", "4,8,16,32,64"]
+    args += ["--crop", "32", "--batch-size", "4", "--epochs", "1", "--epoch-crops", "16"]
+    if launcher == "torchrun":
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            [*cmd, "-m", "unetpp.model.train", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "best validation" in result.stdout
+    else:
+        code, out, _ = cli(capsys, *args, "--nproc", "2", "--device", "cpu")
+        assert code == 0 and "best validation" in out
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last.train_args["world_size"] == 2
+    assert last.training["step"] == 2  # 16 crops / (2 processes x 4) per step
+    assert list(last.metrics) == LEVELS
+    assert last.build()(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    assert len(records(tmp_path)) == 1  # only rank 0 writes
+
+
+def test_cli_resume_continues_a_paused_run(capsys, tmp_path):
+    common = ["--out", str(tmp_path), "--widths", "4,8,16,32,64", "--crop", "32"]
+    code, _, _ = cli(
+        capsys,
+        "--data",
+        "synthetic",
+        *common,
+        "--epochs",
+        "1",
+        "--epoch-crops",
+        "16",
+        "--stop-at-step",
+        "1",
+    )
+    assert code == 0
+    code, out, _ = cli(capsys, "--resume", str(tmp_path / "last.pt"), "--out", str(tmp_path))
+    assert code == 0 and "best validation" in out
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last.training["step"] == 2 and last.training["epoch"] == 1
+    assert [r["partial"] for r in records(tmp_path)] == [True, False]
