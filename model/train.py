@@ -606,17 +606,25 @@ def main(args: argparse.Namespace) -> int:
             torch.multiprocessing.spawn(
                 _spawned, (args.nproc, _free_port(), config, args.resume), nprocs=args.nproc
             )
-        except torch.multiprocessing.ProcessException as exc:
+        except (
+            torch.multiprocessing.ProcessRaisedException,
+            torch.multiprocessing.ProcessExitedException,
+        ) as exc:
             raise UNetPPError(
                 f"a training process failed: {str(exc).strip().splitlines()[-1]}"
             ) from exc
     else:
         train(config, args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        best = load_checkpoint(Path(config.out) / "best.pt")
-        print(f"best validation (epoch {best.training['epoch']}, step {best.training['step']}):")
-        print(format_table(best.metrics))
-        print(f"wrote {config.out}/best.pt, last.pt, metrics.jsonl")
+    out = Path(config.out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if not (out / "best.pt").is_file():  # stopped before the first validation
+        print(f"no validation yet; continue with --resume {out / 'last.pt'}")
+        return 0
+    best = load_checkpoint(out / "best.pt")
+    print(f"best validation (epoch {best.training['epoch']}, step {best.training['step']}):")
+    print(format_table(best.metrics))
+    print(f"wrote {out}/best.pt, last.pt, metrics.jsonl")
     return 0
 
 
