@@ -1,0 +1,75 @@
+"""Kubernetes manifests validated offline against the Kubernetes OpenAPI schemas."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
+VERSION = "1.33"
+
+
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def core_manifests() -> list[tuple[str, dict]]:
+    files = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    return [(f"{f}:{d['kind']}", d) for f in files for d in documents(f)]
+
+
+@pytest.mark.parametrize(
+    ("name", "doc"), core_manifests(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_manifest_is_valid(name: str, doc: dict) -> None:
+    kubernetes_validate.validate(doc, VERSION, strict=True)
+
+
+def test_the_validator_catches_mistakes() -> None:
+    deployment = documents("deployment.yaml")[0]
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSION, strict=True)
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, VERSION, strict=True)
+
+
+def test_deployment_probes_limits_and_volume() -> None:
+    pod = documents("deployment.yaml")[0]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert server["resources"]["requests"] and server["resources"]["limits"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {documents("models.yaml")[0]["metadata"]["name"]}
+    hpa = documents("hpa.yaml")[0]
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"] == documents("deployment.yaml")[0]["metadata"]["name"]
+    )
+
+
+def test_inference_service_pod_part_is_valid() -> None:
+    """The CRD's own schema is KServe's; its predictor embeds a pod spec, checked here."""
+    (isvc,) = documents("inferenceservice.yaml")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    predictor = isvc["spec"]["predictor"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "predictor"},
+        "spec": {"containers": predictor["containers"], "volumes": predictor["volumes"]},
+    }
+    kubernetes_validate.validate(pod, VERSION, strict=True)
+    assert predictor["containers"][0]["name"] == "kserve-container"
