@@ -6,7 +6,6 @@ to run in threads; inference runs in the batcher's threads.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from unetpp.core.imageio import decode_image
 from unetpp.core.inference import measure_latency
-from unetpp.core.preprocess import crop_to, pad_to_multiple, padding_for
+from unetpp.core.preprocess import crop_to, pad_to_multiple
 from unetpp.server import tiling
 from unetpp.server.batcher import Batcher, ItemResult
 from unetpp.server.errors import DeadlineExceeded, QueueFull
@@ -39,6 +39,15 @@ class Plan:
 
     def predict(self, predictor: LatencyPredictor, graph: str) -> float:
         return max(self.tiles, 1) * predictor.predict(graph, self.run_pixels)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded image and the network input made from it (one thread hop for all of it)."""
+
+    image: np.ndarray  # as decoded
+    x: np.ndarray  # C x H x W preprocessed, padded to the multiple
+    size: tuple[int, int]  # the image's own height and width
 
 
 @dataclass(frozen=True)
@@ -131,10 +140,17 @@ class Service:
             admission.submitting()
             self.in_flight -= 1
 
-    def plan(self, height: int, width: int) -> Plan:
-        multiple = self.model.manifest.preprocessing.multiple
-        pad_h, pad_w = padding_for(height, width, multiple)
-        h, w = height + pad_h, width + pad_w
+    def prepare(self, data: bytes) -> Prepared:
+        """Decode (within the limits), preprocess with the manifest's recipe, pad (blocking)."""
+        image = decode_image(
+            data, max_pixels=self.settings.max_pixels, max_side=self.settings.max_side
+        )
+        prep = self.model.manifest.preprocessing
+        x, size = pad_to_multiple(prep(image), prep.multiple)
+        return Prepared(image, x, size)
+
+    def plan(self, prepared: Prepared) -> Plan:
+        h, w = prepared.x.shape[-2:]
         if h * w <= self.settings.tile_above_pixels:
             return Plan(h, w, 0, h * w)
         tile, overlap = self.settings.tile_size, self.settings.tile_overlap
@@ -167,12 +183,11 @@ class Service:
         self.missed[route.graph] += route.missed
         return route
 
-    async def infer(self, graph: str, x: np.ndarray, plan: Plan, deadline: float) -> Inference:
-        """C x H x W preprocessed image -> logits at its own size, via the batcher."""
+    async def infer(self, graph: str, prepared: Prepared, plan: Plan, deadline: float) -> Inference:
+        """The prepared input -> logits at the image's own size, via the batcher."""
         if time.monotonic() > deadline:
             raise DeadlineExceeded("the request's deadline passed before inference")
-        multiple = self.model.manifest.preprocessing.multiple
-        padded, size = await asyncio.to_thread(pad_to_multiple, x, multiple)
+        padded = prepared.x
         predicted = self.predictor.predict(graph, plan.run_pixels)
         results: list[ItemResult] = []
 
@@ -200,7 +215,7 @@ class Service:
         inference_ms = sum(r.run_ms for r in batches.values())
         queue_ms = results[0].queue_ms if len(results) == 1 else max(wall_ms - inference_ms, 0.0)
         return Inference(
-            crop_to(logits, size),
+            crop_to(logits, prepared.size),
             queue_ms,
             inference_ms,
             len(batches),

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
-from unetpp.core.imageio import decode_image
 from unetpp.core.inference import logit_threshold
 from unetpp.core.manifest import Graph
 from unetpp.server import encoders
@@ -139,16 +138,15 @@ async def segment(
     try:
         async with asyncio.timeout(timeout_ms / 1000.0), service.admit() as admission:
             data = await read_image_bytes(request)
-            image = await asyncio.to_thread(
-                decode_image, data, max_pixels=settings.max_pixels, max_side=settings.max_side
-            )
-            x = await asyncio.to_thread(manifest.preprocessing, image)
-            plan = service.plan(*image.shape[:2])
+            prepared = await asyncio.to_thread(service.prepare, data)
+            plan = service.plan(prepared)
             route = service.route(choice, plan)
             admission.submitting()
-            result = await service.infer(route.graph, x, plan, deadline)
-            logits = result.logits[0]
-            mask = await asyncio.to_thread(np.greater, logits, logit_threshold(manifest.threshold))
+            result = await service.infer(route.graph, prepared, plan, deadline)
+            cut = logit_threshold(manifest.threshold)
+            mask, content, media_type = await asyncio.to_thread(
+                _render, params, prepared.image, result.logits[0], cut
+            )
             graph = service.runners[route.graph].graph
             headers = route_headers(graph, route, result)
             if params.format == "json":
@@ -171,12 +169,11 @@ async def segment(
                     },
                     "route": route_json(route),
                     "threshold": manifest.threshold,
-                    "mask": await asyncio.to_thread(encoders.mask_json, mask),
+                    "mask": content,
                     "timings": timings,
                 }
                 # rendering a large mask's RLE takes a while: off the event loop too
                 return await asyncio.to_thread(JSONResponse, body, headers=headers)
-            content, media_type = await asyncio.to_thread(_encode, params, image, mask, logits)
             return Response(content, media_type=media_type, headers=headers)
     except TimeoutError as exc:
         raise DeadlineExceeded(
@@ -211,14 +208,19 @@ def route_json(route: Route) -> dict[str, Any]:
     }
 
 
-def _encode(
-    params: SegmentParams, image: np.ndarray, mask: np.ndarray, logits: np.ndarray
-) -> tuple[bytes, str]:
+def _render(
+    params: SegmentParams, image: np.ndarray, logits: np.ndarray, cut: float
+) -> tuple[np.ndarray, Any, str]:
+    """Threshold and encode in one go (one thread hop): the mask, the content, its media type
+    (for format=json the content is the mask's JSON object)."""
+    mask = logits > cut
+    if params.format == "json":
+        return mask, encoders.mask_json(mask), "application/json"
     if params.format == "png":
-        return encoders.mask_png(mask), "image/png"
+        return mask, encoders.mask_png(mask), "image/png"
     if params.format == "overlay":
-        return encoders.overlay_png(image, mask), "image/png"
+        return mask, encoders.overlay_png(image, mask), "image/png"
     probabilities = encoders.sigmoid(logits)
     if params.encoding == "npy":
-        return encoders.probabilities_npy(probabilities), "application/x-npy"
-    return encoders.probabilities_png16(probabilities), "image/png"
+        return mask, encoders.probabilities_npy(probabilities), "application/x-npy"
+    return mask, encoders.probabilities_png16(probabilities), "image/png"
