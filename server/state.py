@@ -46,6 +46,10 @@ class ServerState:
             self.error = exc.detail
             log.error("not ready: %s", exc.detail)
             return
+        except Exception as exc:  # onnxruntime's own errors are untyped; stay up, say why
+            self.error = f"loading failed: {type(exc).__name__}: {exc}"
+            log.exception("not ready")
+            return
         await service.start()
         self.service = service
         log.info("ready: %s", ", ".join(service.runners))

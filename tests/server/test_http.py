@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -77,20 +78,36 @@ def test_openapi_describes_the_segment_endpoint(live):
     assert live.client.get("/docs").status_code == 200
 
 
+def failed_readiness(server) -> dict:
+    """/readyz once loading has ended; it must have failed."""
+    deadline = time.monotonic() + 30
+    while (r := server.client.get("/readyz")).json().get("detail") == "the model is still loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.status_code == 503 and r.json()["error"] == "not_ready"
+    assert server.client.get("/healthz").json() == {"status": "alive", "model": "failed"}
+    return r.json()
+
+
 def test_cuda_demanded_but_unusable_is_not_ready_and_says_why(tiny_repository):
     server = start(settings(tiny_repository, device="cuda"), ready=False)
     try:
-        deadline = time.monotonic() + 30
-        while (r := server.client.get("/readyz")).json().get(
-            "detail"
-        ) == "the model is still loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert r.status_code == 503
-        assert r.json()["error"] == "not_ready" and "CUDA" in r.json()["detail"]
-        assert server.client.get("/healthz").status_code == 200
+        assert "CUDA" in failed_readiness(server)["detail"]
         refused = server.segment(encode_png(synthetic(32, 32)))
         assert refused.status_code == 503 and "CUDA" in refused.json()["detail"]
+    finally:
+        stop(server)
+
+
+def test_a_tampered_graph_is_refused(tiny_repository, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_repository, repository)
+    graph = repository / "L2.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    server = start(settings(repository), ready=False)
+    try:
+        detail = failed_readiness(server)["detail"]
+        assert "L2" in detail and "sha256" in detail
     finally:
         stop(server)
 
