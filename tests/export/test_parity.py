@@ -9,6 +9,7 @@ from unetpp.core.errors import ExportError
 from unetpp.core.inference import create_session, run_batch
 from unetpp.export.graphs import check_parity, export_graph
 from unetpp.model.checkpoint import load_checkpoint
+from unetpp.model.unetpp import average_heads
 
 
 def test_graph_matches_the_pruned_module_on_odd_sizes_and_batches(
@@ -48,3 +49,13 @@ def test_opset_below_18_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> Non
     model = load_checkpoint(tiny_checkpoint).build()
     with pytest.raises(ExportError, match="opset must be >= 18"):
         export_graph(model.prune(1), tmp_path / "L1.onnx", in_channels=1, opset=17)
+
+
+def test_the_ensemble_is_accurate_on_confident_pixels() -> None:
+    # where the heads are confident, logit(mean probability) must not lose its precision
+    # (a float32 logit(p) near p = 1 is off by 1e-3 and would fail the 1e-4 parity check)
+    heads = np.array([[15.0, -17.0, 3.0, 19.0], [18.0, -16.0, -2.0, 17.5]])
+    p = (1.0 / (1.0 + np.exp(-heads))).mean(axis=0)  # float64: exact enough for |x| <= 20
+    exact = np.log(p) - np.log1p(-p)
+    got = average_heads([torch.tensor(h, dtype=torch.float32) for h in heads])
+    np.testing.assert_allclose(got.numpy(), exact, atol=1e-5, rtol=1e-6)
