@@ -221,7 +221,7 @@ def report(result: dict) -> str:
         "",
         "onnxruntime alone: `session.run` on the preprocessed, padded input in the benchmark "
         "process. Server: POST /v1/segment with the PNG, the PNG mask back (decode, "
-        "percentile normalisation, routing, queue, inference, threshold, PNG encoding, HTTP); "
+        "percentile normalisation, routing, queue, inference, threshold, PNG encoding, HTTP). "
         "The server's own inference: its onnxruntime time (X-UNetPP-Inference-Ms). In-process "
         "pipeline: the same decode, preprocessing, inference, threshold and PNG encoding in the "
         "benchmark process, without HTTP, queue or threads (what the server adds is the "
