@@ -55,6 +55,8 @@ def _cuda_problem(path: Path, channels: int, threads: int) -> str | None:
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime has no CUDAExecutionProvider (install the gpu extra)"
     try:
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from NVIDIA's pip packages (gpu extra)
+            ort.preload_dlls()
         session = create_session(path, threads=threads, providers=[CUDA, CPU])
         if session.get_providers()[0] != CUDA:
             return "onnxruntime could not initialise CUDA (driver or libraries missing)"
