@@ -1,0 +1,92 @@
+"""The micro-batcher on its own, with a real (numpy) run function in its worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from unetpp.server.batcher import Batcher
+from unetpp.server.errors import DeadlineExceeded
+
+
+def run_slowly(seconds: float):
+    threads = set()
+
+    def run(graph: str, batch: np.ndarray) -> np.ndarray:
+        threads.add(threading.get_ident())
+        time.sleep(seconds)
+        return batch[:, :1] * 2.0
+
+    return run, threads
+
+
+def test_items_of_one_graph_and_shape_batch_up_to_max_batch():
+    async def scenario():
+        run, threads = run_slowly(0.01)
+        batcher = Batcher(run, max_batch=2, max_wait_ms=0, workers=1)
+        batcher.start()
+        xs = [np.full((3, 16, 16), i, np.float32) for i in range(3)]
+        futures = [
+            batcher.submit("L1", x, deadline=time.monotonic() + 10, predicted_ms=1) for x in xs
+        ]
+        other = batcher.submit(
+            "L1", np.ones((3, 32, 16), np.float32), deadline=time.monotonic() + 10, predicted_ms=1
+        )
+        results = await asyncio.gather(*futures, other)
+        await batcher.close()
+        return results, batcher, threads
+
+    results, batcher, threads = asyncio.run(scenario())
+    for i, r in enumerate(results[:3]):
+        np.testing.assert_array_equal(r.logits, np.full((1, 16, 16), 2.0 * i))
+    assert [r.batch_size for r in results] == [2, 2, 1, 1]  # a new shape is a new batch
+    assert batcher.stats["L1"].sizes == {2: 1, 1: 2}
+    assert threading.get_ident() not in threads  # never on the event loop's thread
+    assert batcher.backlog_ms == pytest.approx(0.0)
+
+
+def test_a_batch_waits_for_requests_still_preparing_but_not_for_none():
+    async def scenario(preparing: int):
+        run, _ = run_slowly(0.0)
+        batcher = Batcher(run, max_batch=8, max_wait_ms=300, workers=1)
+        batcher.preparing = preparing
+        batcher.start()
+        first = batcher.submit(
+            "L1", np.zeros((1, 16, 16), np.float32), deadline=time.monotonic() + 10, predicted_ms=1
+        )
+        await asyncio.sleep(0.05)
+        second = batcher.submit(
+            "L1", np.zeros((1, 16, 16), np.float32), deadline=time.monotonic() + 10, predicted_ms=1
+        )
+        results = await asyncio.gather(first, second)
+        await batcher.close()
+        return [r.batch_size for r in results]
+
+    assert asyncio.run(scenario(preparing=1)) == [2, 2]  # waited for the one preparing
+    assert asyncio.run(scenario(preparing=0)) == [1, 1]  # nobody else coming: ran at once
+
+
+def test_an_item_whose_deadline_passed_in_the_queue_is_dropped():
+    async def scenario():
+        run, _ = run_slowly(0.2)
+        batcher = Batcher(run, max_batch=8, max_wait_ms=0, workers=1)
+        batcher.start()
+        now = time.monotonic()
+        slow = batcher.submit(
+            "L4", np.zeros((1, 32, 32), np.float32), deadline=now + 10, predicted_ms=200
+        )
+        await asyncio.sleep(0.02)  # the first batch is running
+        late = batcher.submit(
+            "L1", np.zeros((1, 16, 16), np.float32), deadline=now + 0.05, predicted_ms=1
+        )
+        assert batcher.queue_wait_ms() == pytest.approx(201)
+        results = await asyncio.gather(slow, late, return_exceptions=True)
+        await batcher.close()
+        return results, batcher
+
+    (slow, late), batcher = asyncio.run(scenario())
+    assert slow.batch_size == 1 and isinstance(late, DeadlineExceeded)
+    assert "L1" not in batcher.stats  # never ran
