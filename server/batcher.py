@@ -156,7 +156,8 @@ class Batcher:
             del self._queues[key]
         return items
 
-    def _timed_run(self, graph: str, batch: np.ndarray) -> tuple[np.ndarray, float, float]:
+    def _timed_run(self, graph: str, inputs: list[np.ndarray]) -> tuple[np.ndarray, float, float]:
+        batch = np.stack(inputs)  # in the worker thread: a large copy stays off the event loop
         start = time.monotonic()
         out = self._run(graph, batch)
         return out, start, 1000.0 * (time.monotonic() - start)
@@ -168,11 +169,10 @@ class Batcher:
             items = self._take(key)
             if not items:
                 continue
-            batch = np.stack([item.x for item in items])
             batch_id = next(self._ids)
             try:
                 out, start, run_ms = await loop.run_in_executor(
-                    self._executor, self._timed_run, graph, batch
+                    self._executor, self._timed_run, graph, [item.x for item in items]
                 )
             except Exception as exc:
                 log.exception("batch %d of %d on %s failed", batch_id, len(items), graph)
