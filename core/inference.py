@@ -30,11 +30,19 @@ INPUT_NAME = "image"
 
 
 def create_session(
-    path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    memory_arena: bool = True,
 ) -> ort.InferenceSession:
-    """An onnxruntime session for one graph file (CPU unless `providers` says otherwise)."""
+    """An onnxruntime session for one graph file (CPU unless `providers` says otherwise).
+
+    `memory_arena=False` returns memory after each run instead of keeping onnxruntime's CPU
+    arena at the largest batch ever seen (less memory for varied shapes, somewhat slower)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     if threads:
         options.intra_op_num_threads = threads
     try:

@@ -78,7 +78,9 @@ def choose_providers(device: Device, probe: Path, channels: int, threads: int) -
     return (CPU,)
 
 
-def load_model(directory: Path, device: Device, threads: int) -> LoadedModel:
+def load_model(
+    directory: Path, device: Device, threads: int, memory_arena: bool = True
+) -> LoadedModel:
     """Verify the repository and open its sessions; fp16 graphs are served on CUDA only."""
     manifest = load_repository(directory)
     providers = choose_providers(
@@ -93,7 +95,10 @@ def load_model(directory: Path, device: Device, threads: int) -> LoadedModel:
             continue
         if graph.file not in sessions:
             sessions[graph.file] = create_session(
-                directory / graph.file, threads=threads or None, providers=providers
+                directory / graph.file,
+                threads=threads or None,
+                providers=providers,
+                memory_arena=memory_arena,
             )
         runners[graph.name] = Runner(graph, sessions[graph.file])
     if not runners:

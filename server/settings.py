@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     device: Device = "auto"
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session; 0: all")
     workers: int = Field(1, ge=1, description="batches run at the same time")
+    memory_arena: bool = Field(
+        True, description="onnxruntime's CPU arena: faster, but keeps the largest batch's memory"
+    )
 
     max_batch: int = Field(8, ge=1)
     max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits for more requests")

@@ -38,7 +38,11 @@ class ServerState:
             return
         try:
             model = await asyncio.to_thread(
-                load_model, settings.models, settings.device, settings.threads
+                load_model,
+                settings.models,
+                settings.device,
+                settings.threads,
+                settings.memory_arena,
             )
             service = Service(model, settings)
             await asyncio.to_thread(service.calibrate)

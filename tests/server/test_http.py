@@ -379,10 +379,16 @@ def test_client_errors_are_json_4xx(live, image_png):
 
 @pytest.fixture(scope="module")
 def strict(tiny_repository):
-    """A second server with small limits and a queue of one request."""
+    """A second server with small limits and a queue of one request (and without onnxruntime's
+    memory arena, so that setting serves requests too)."""
     server = start(
         settings(
-            tiny_repository, max_queue=1, max_body_bytes=200_000, max_pixels=300 * 300, max_side=400
+            tiny_repository,
+            max_queue=1,
+            max_body_bytes=200_000,
+            max_pixels=300 * 300,
+            max_side=400,
+            memory_arena=False,
         )
     )
     yield server
