@@ -38,6 +38,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tests share 2 cores with other work: one thread per process avoids oversubscription.
+    Module-scoped, so that it is in place before `straight` (reproducibility is per thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """Two epochs of 3 steps, uninterrupted."""
@@ -115,15 +125,6 @@ def test_unet_baseline_trains_its_single_head(tmp_path):
     train(tiny_config(tmp_path, arch="unet", epochs=1))
     best = load_checkpoint(tmp_path / "best.pt")
     assert best.config.arch == "unet" and list(best.metrics) == ["L4"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tests share 2 cores with other work: one thread per process avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
