@@ -8,6 +8,11 @@ held-out frames 17-19, and measure transfer between domains (synthetic <-> HeLa)
 3. `unetpp train --data synthetic --out runs/synthetic --time-budget SYNTHETIC_BUDGET`, scored on
    synthetic test and on hela test (a microscope it never saw).
 Writes benchmarks/results/training_hela.json and training_hela.md.
+
+    .venv/bin/python benchmarks/train_hela.py --score runs/hela_continued/best.pt --name NAME
+
+only scores one more HeLa checkpoint (e.g. of a run continued with --resume) on the test frames
+and writes benchmarks/results/NAME.json with its metrics.jsonl history.
 """
 
 from __future__ import annotations
@@ -30,22 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run_training(source: str, out: Path, budget: float, extra: list[str]) -> dict:
-    cmd = [
-        "unetpp",
-        "train",
-        "--data",
-        source,
-        "--out",
-        str(out),
-        "--time-budget",
-        str(budget),
-        *extra,
-    ]
+def run_training(source: str, out: Path, budget: float) -> dict:
+    cmd = ["unetpp", "train", "--data", source, "--out", str(out), "--time-budget", str(budget)]
     start = time.monotonic()
     subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], check=True)
     wall = time.monotonic() - start
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = history(out)
     best = load_checkpoint(out / "best.pt")
     return {
         "command": " ".join(cmd),
@@ -55,16 +50,22 @@ def run_training(source: str, out: Path, budget: float, extra: list[str]) -> dic
         "best_epoch": best.training["epoch"],
         "best_step": best.training["step"],
         "val": best.metrics,
-        "history": [
-            {
-                "step": r["step"],
-                "elapsed_s": r["elapsed_s"],
-                "train_loss": r["train_loss"],
-                "val_iou": {k: v["iou"] for k, v in r["val"].items()},
-            }
-            for r in records
-        ],
+        "history": records,
     }
+
+
+def history(out: Path) -> list[dict]:
+    """Step, elapsed time, training loss and per-level validation IoU of every validation."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {
+            "step": r["step"],
+            "elapsed_s": r["elapsed_s"],
+            "train_loss": r["train_loss"],
+            "val_iou": {k: v["iou"] for k, v in r["val"].items()},
+        }
+        for r in lines
+    ]
 
 
 def score(checkpoint: Path, source: str) -> dict:
@@ -79,7 +80,24 @@ def main() -> None:
         "--synthetic-budget", type=float, default=8.0, help="synthetic training minutes"
     )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--score", type=Path, help="only score this HeLa checkpoint")
+    parser.add_argument(
+        "--name", default="training_hela_continued", help="results name for --score"
+    )
     args = parser.parse_args()
+    if args.score:
+        ckpt = load_checkpoint(args.score)
+        scored = {
+            "checkpoint": str(args.score),
+            "train_args": ckpt.train_args,
+            "best_step": ckpt.training["step"],
+            "history": history(args.score.parent),
+            "val": ckpt.metrics,
+            "test": score(args.score, "hela"),
+        }
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(scored, indent=2) + "\n")
+        print(format_table(scored["test"]))
+        return
     load = os.getloadavg()
     result: dict = {
         "machine": {
@@ -90,11 +108,11 @@ def main() -> None:
             "load_average_at_start": [round(v, 2) for v in load],
         },
     }
-    hela = run_training("hela", args.runs / "hela", args.budget, [])
+    hela = run_training("hela", args.runs / "hela", args.budget)
     hela["test"] = score(args.runs / "hela" / "best.pt", "hela")
     hela["synthetic_test"] = score(args.runs / "hela" / "best.pt", "synthetic")
     result["hela"] = hela
-    synthetic = run_training("synthetic", args.runs / "synthetic", args.synthetic_budget, [])
+    synthetic = run_training("synthetic", args.runs / "synthetic", args.synthetic_budget)
     synthetic["test"] = score(args.runs / "synthetic" / "best.pt", "synthetic")
     synthetic["hela_test"] = score(args.runs / "synthetic" / "best.pt", "hela")
     result["synthetic"] = synthetic
