@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +93,14 @@ def _folder_split(root: Path, split: str, *, seed: int, val_dir: str | None) -> 
         return read_folder(root / "test")
     if val_dir is not None:
         return read_folder(Path(val_dir) if split != "train" else root)
-    samples = read_folder(root)
-    if len(samples) == 1:
+    stems = list(_pairs(root))
+    if len(stems) == 1:
         log.warning("%s holds a single image; it is used for both training and validation", root)
-        return samples
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_val = max(1, round(VAL_FRACTION * len(samples)))
+        return read_folder(root)
+    order = np.random.default_rng(seed).permutation(len(stems))
+    n_val = max(1, round(VAL_FRACTION * len(stems)))
     chosen = order[:n_val] if split != "train" else order[n_val:]
-    return [samples[i] for i in sorted(chosen)]
+    return read_folder(root, {stems[i] for i in chosen})
 
 
 def _is_pair_folder(root: Path) -> bool:
@@ -119,9 +120,17 @@ def _by_stem(folder: Path) -> dict[str, Path]:
     return files
 
 
-def read_folder(root: str | Path) -> list[Sample]:
-    """All image/mask pairs of a folder with `images/` and `masks/`, sorted by stem."""
-    root = Path(root)
+def read_folder(root: str | Path, stems: Collection[str] | None = None) -> list[Sample]:
+    """The image/mask pairs of a folder with `images/` and `masks/` (all, or those of `stems`),
+    in file-name order; only those are decoded, but every pair must match."""
+    pairs = _pairs(Path(root))
+    return [
+        _read_pair(stem, *paths) for stem, paths in pairs.items() if stems is None or stem in stems
+    ]
+
+
+def _pairs(root: Path) -> dict[str, tuple[Path, Path]]:
+    """stem -> (image, mask) paths, checked to match one to one."""
     if not root.is_dir():
         raise InvalidInput(f"{root}: no such data folder")
     if not _is_pair_folder(root):
@@ -135,7 +144,7 @@ def read_folder(root: str | Path) -> list[Sample]:
     for stem, path in masks.items():
         if stem not in images:
             raise InvalidInput(f"{path}: no image with the stem {stem!r} in {root / 'images'}")
-    return [_read_pair(stem, images[stem], masks[stem]) for stem in images]
+    return {stem: (path, masks[stem]) for stem, path in images.items()}
 
 
 def _read_pair(stem: str, image_path: Path, mask_path: Path) -> Sample:
