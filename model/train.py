@@ -339,6 +339,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.step == 0:
                 (self.out / "metrics.jsonl").write_text("")
+            if not (self.out / "best.pt").is_file():  # e.g. resumed into a new folder
+                self.best_iou = -1.0
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         self._clock = time.monotonic() - self.elapsed

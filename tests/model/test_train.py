@@ -206,3 +206,11 @@ def test_cli_resume_continues_a_paused_run(capsys, tmp_path):
     last = load_checkpoint(tmp_path / "last.pt")
     assert last.training["step"] == 2 and last.training["epoch"] == 1
     assert [r["partial"] for r in records(tmp_path)] == [True, False]
+
+
+def test_resume_into_a_new_folder_extends_a_finished_run(straight, tmp_path):
+    train(tiny_config(tmp_path, epochs=3), resume=straight / "last.pt")
+    (line,) = records(tmp_path)
+    assert (line["epoch"], line["step"], line["partial"]) == (2, 9, False)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best.training["step"] == 9 and best.metrics == line["val"]
