@@ -7,7 +7,7 @@ held-out frames 17-19, and measure transfer between domains (synthetic <-> HeLa)
 2. its best.pt scored with PyTorch on hela test (frames 17-19) and on synthetic test;
 3. `unetpp train --data synthetic --out runs/synthetic --time-budget SYNTHETIC_BUDGET`, scored on
    synthetic test and on hela test (a microscope it never saw).
-Writes benchmarks/results/training_hela.json and training_hela.md.
+Writes benchmarks/results/NAME.json and NAME.md (--name, default training_hela).
 
     .venv/bin/python benchmarks/train_hela.py --score runs/hela_continued/best.pt --name NAME
 
@@ -81,9 +81,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--score", type=Path, help="only score this HeLa checkpoint")
-    parser.add_argument(
-        "--name", default="training_hela_continued", help="results name for --score"
-    )
+    parser.add_argument("--name", default="training_hela", help="results file name, without suffix")
     args = parser.parse_args()
     if args.score:
         ckpt = load_checkpoint(args.score)
@@ -118,8 +116,8 @@ def main() -> None:
     result["synthetic"] = synthetic
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "training_hela.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "training_hela.md").write_text(report(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(report(result))
     print(report(result))
 
 
