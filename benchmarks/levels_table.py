@@ -110,7 +110,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Exported graphs: size, accuracy and latency per level",
         "",
-        f"Checkpoint `{report['checkpoint']}` ({report['label'] or 'no label'}), "
+        f"Checkpoint `{report['checkpoint']}`: {report['label'] or 'no label'}; "
         f"sha256 `{report['checkpoint_sha256'][:12]}`. IoU val: recorded in model.json at export; "
         f"IoU/Dice test: `{report['test_data']}` via `unetpp evaluate` (onnxruntime).",
         "",
@@ -125,9 +125,10 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         speed = r.get("int8_speedup")
         speedup = f"{speed['256']:.2f}x / {speed['512']:.2f}x" if speed else ""
+        iou_val = "n/a" if r["iou_val"] is None else f"{r['iou_val']:.4f}"
         lines.append(
             f"| {r['graph']} | {r['precision']} | {r['parameters']:,} | {r['gflops_256']:.2f} "
-            f"| {r['iou_val'] if r['iou_val'] is not None else 'n/a'} | {r['iou_test']:.4f} "
+            f"| {iou_val} | {r['iou_test']:.4f} "
             f"| {r['dice_test']:.4f} | {r['ms']['256']:.1f} | {r['ms']['512']:.1f} "
             f"| {speedup} |"
         )

@@ -232,7 +232,8 @@ def export_repository(
                     "rejected": rejected,
                 },
                 "parity": builder.parity,
-                "latency": "median of 10 runs, batch 1, onnxruntime CPU; shared machine",
+                "latency": "median of 10 runs after 2 warm-ups, batch 1, random input, "
+                "default onnxruntime threads, CPU (CUDA for a validated fp16 graph)",
             },
         )
         write_manifest(staging, manifest)
