@@ -72,6 +72,13 @@ def run_batch(
     return session.run([output], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
+def network_input(
+    image: np.ndarray, preprocessing: Preprocessing
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A raw HxW[xC] image -> the padded float32 [C, H', W'] input and the original (H, W)."""
+    return pad_to_multiple(preprocessing(image), preprocessing.multiple)
+
+
 def predict_logits(
     session: ort.InferenceSession,
     image: np.ndarray,
@@ -79,7 +86,7 @@ def predict_logits(
     output: str = "logits",
 ) -> np.ndarray:
     """A raw HxW[xC] image -> logits [K, H, W] at its own size (padded, run, cropped back)."""
-    chw, size = pad_to_multiple(preprocessing(image), preprocessing.multiple)
+    chw, size = network_input(image, preprocessing)
     return crop_to(run_batch(session, chw[None], output)[0], size)
 
 
@@ -106,7 +113,7 @@ def evaluate_session(
     acc = ScoreAccumulator()
     seconds = 0.0
     for sample in samples:
-        chw, size = pad_to_multiple(preprocessing(sample.image), preprocessing.multiple)
+        chw, size = network_input(sample.image, preprocessing)
         start = time.perf_counter()
         logits = run_batch(session, chw[None], output)
         seconds += time.perf_counter() - start

@@ -29,9 +29,10 @@ from unetpp.core.inference import (
     create_session,
     evaluate_session,
     measure_latency,
+    network_input,
 )
 from unetpp.core.manifest import Accuracy, Graph, Manifest, sha256_file, write_manifest
-from unetpp.core.preprocess import Preprocessing, pad_to_multiple
+from unetpp.core.preprocess import Preprocessing
 from unetpp.export.graphs import (
     DEFAULT_OPSET,
     LevelWithEnsemble,
@@ -108,8 +109,7 @@ class _Builder:
         self.options = options
         self.preprocessing = preprocessing
         self.parity_inputs = [
-            pad_to_multiple(preprocessing(s.image), preprocessing.multiple)[0]
-            for s in samples[: options.parity_images]
+            network_input(s.image, preprocessing)[0] for s in samples[: options.parity_images]
         ]
         self.parity: dict[str, dict[str, float]] = {}
 
@@ -196,9 +196,7 @@ def export_repository(
         fp32 = list(entries)
         rejected: list[dict[str, Any]] = []
         if options.int8:
-            calibration = [
-                pad_to_multiple(prep(s.image), prep.multiple)[0] for s in calibration_samples
-            ]
+            calibration = [network_input(s.image, prep)[0] for s in calibration_samples]
             entries += _int8_variants(builder, fp32, calibration, rejected)
         if options.fp16:
             entries += _fp16_variants(builder, fp32)

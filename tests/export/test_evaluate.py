@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.metrics import ScoreAccumulator
 from unetpp.core.preprocess import crop_to, pad_to_multiple
 from unetpp.export.evaluate import evaluate_repository
@@ -84,3 +85,18 @@ def test_evaluate_refuses_a_tampered_repository_in_one_line(
     assert main(["evaluate", str(repo), "--data", "synthetic", "--split", "val"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "graph L3" in err[0] and "modified or replaced" in err[0]
+
+
+def test_predict_logits_pads_runs_and_crops_back(
+    tiny_repository: Path, tiny_checkpoint: Path
+) -> None:
+    ckpt = load_checkpoint(tiny_checkpoint)
+    sample = tiny_samples("val", count=1)[0]
+    assert sample.image.shape == (72, 100)  # not multiples of 16
+    session = create_session(tiny_repository / "L2.onnx")
+    got = predict_logits(session, sample.image, ckpt.preprocessing)
+    x, size = pad_to_multiple(ckpt.preprocessing(sample.image))
+    with torch.no_grad():
+        expected = ckpt.build()(torch.from_numpy(x[None]), level=2)[0].numpy()
+    assert got.shape == (1, 72, 100)
+    np.testing.assert_allclose(got, crop_to(expected, size), atol=1e-4)
