@@ -332,7 +332,7 @@ def _outputs(entries: list[_Entry], file: str) -> tuple[str, ...]:
 
 
 def _fp16_variants(builder: _Builder, fp32: list[_Entry]) -> list[_Entry]:
-    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    gpu = _cuda_runs(builder.directory / fp32[0].file)
     out = []
     for entry in fp32:
         target = entry.file.replace(".onnx", ".fp16.onnx")
@@ -348,6 +348,15 @@ def _fp16_variants(builder: _Builder, fp32: list[_Entry]) -> list[_Entry]:
             builder.measure(variant, providers=["CUDAExecutionProvider"])
         out.append(variant)
     return out
+
+
+def _cuda_runs(path: Path) -> bool:
+    """Whether onnxruntime really runs a graph on CUDA here (an onnxruntime-gpu build without a
+    usable GPU silently falls back to the CPU)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    session = create_session(path, providers=["CUDAExecutionProvider"])
+    return session.get_providers()[0] == "CUDAExecutionProvider"
 
 
 def _graph(directory: Path, entry: _Entry, data: str, gflops_at_reference: float) -> Graph:
