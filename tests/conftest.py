@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 # Blocks `import torch` (and anything under it) in a child interpreter.
@@ -115,3 +118,23 @@ def tiny_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
             options=ExportOptions(int8=False, ensemble="always"),
         )
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll `url`/readyz until 200, failing with the process's output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not become ready in {timeout} s"
+        time.sleep(0.2)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-import numpy as np
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from unetpp.core.datasets import synthetic_split
 from unetpp.core.imageio import encode_png
-from unetpp.core.preprocess import normalize
+from unetpp.server.encoders import display_rgb
 
 router = APIRouter(tags=["web page"])
 SAMPLE_COUNT = 4
@@ -23,12 +22,12 @@ def page() -> str:
 
 @cache
 def samples() -> dict[str, bytes]:
-    """A few images from the embedded synthetic generator (test split), as 8-bit PNGs."""
-    out = {}
-    for sample in synthetic_split("test", count=SAMPLE_COUNT):
-        scaled = normalize(sample.image.astype(np.float32), 0.5, 99.9).clip(0, 1)
-        out[sample.name] = encode_png((scaled * 255).round().astype(np.uint8))
-    return out
+    """A few images from the embedded synthetic generator (test split), as 8-bit PNGs
+    stretched for display the way overlays are."""
+    return {
+        s.name: encode_png(display_rgb(s.image))
+        for s in synthetic_split("test", count=SAMPLE_COUNT)
+    }
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import free_port, wait_ready
 from unetpp.demo import repository_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _demo(*args: str) -> list[str]:
@@ -27,7 +20,7 @@ def _demo(*args: str) -> list[str]:
 
 def test_demo_serves_the_cached_repository(tiny_repository: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_repository, repository_for("synthetic", str(tmp_path)))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         _demo("--cache-dir", str(tmp_path), "--port", str(port)),
         stdout=subprocess.PIPE,
@@ -35,16 +28,7 @@ def test_demo_serves_the_cached_repository(tiny_repository: Path, tmp_path: Path
         text=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "demo server not ready"
-            time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=90)
         page = httpx.get(f"http://127.0.0.1:{port}/")
         assert page.status_code == 200 and "Compare all levels" in page.text
     finally:

@@ -7,9 +7,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import numpy as np
 import pytest
 from unetpp.core.datasets import synthetic_image
 from unetpp.core.imageio import decode_image, encode_png
+
+from tests.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "localhost/base-python:bookworm"
@@ -73,9 +73,7 @@ def _inspect(name: str, field: str):
 
 @pytest.fixture
 def container(image: str, tiny_repository: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     name = _run("buildah", "from", image).strip()
     cmd = _inspect(image, ".Config.Cmd")
     proc = subprocess.Popen(
@@ -108,16 +106,7 @@ def _server_uids() -> set[int]:
 def test_image_serves_as_non_root(container) -> None:
     url, proc = container
     image_png = encode_png(synthetic_image(np.random.default_rng(0), 256)[0][:100, :130])
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the container did not become ready"
-        time.sleep(1)
+    wait_ready(url, proc, timeout=180)
     resp = httpx.post(
         f"{url}/v1/segment", params={"level": 2}, content=image_png,
         headers={"content-type": "image/png"}, timeout=60,
