@@ -12,6 +12,9 @@ crops. Each crop:
 4. jitters intensity: gamma in [0.7, 1.4] (on the clipped non-negative part), contrast in
    [0.75, 1.33] around the mean, a brightness shift in [-0.1, 0.1], then, with probability
    0.5, Gaussian noise of standard deviation up to 0.08 (in units of the normalised range).
+
+`augment="geometric"` keeps steps 1 and 3 only (crops at scale 1, the eight symmetries): for
+data whose test images come from the same microscope and settings as its training images.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ GAMMA = (0.7, 1.4)
 CONTRAST = (0.75, 1.33)
 BRIGHTNESS = 0.1
 NOISE = 0.08
+AUGMENTS = ("full", "geometric")
 
 
 class CropDataset(Dataset):
@@ -43,9 +47,13 @@ class CropDataset(Dataset):
         crop: int,
         length: int,
         seed: int = 0,
+        augment: str = "full",
     ) -> None:
         if not samples:
             raise ValueError("no training samples")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.full = augment == "full"
         self.images = [torch.from_numpy(preprocessing(s.image)) for s in samples]
         self.masks = [torch.from_numpy(s.mask[None].astype(np.float32)) for s in samples]
         areas = np.array([s.mask.size for s in samples], dtype=np.float64)
@@ -67,12 +75,13 @@ class CropDataset(Dataset):
         image, mask = self._region(self.images[k], self.masks[k], rng)
         flip, turns = bool(rng.integers(2)), int(rng.integers(4))
         image, mask = _symmetry(image, flip, turns), _symmetry(mask, flip, turns)
-        return _intensity(image, rng), mask
+        return (_intensity(image, rng) if self.full else image.contiguous()), mask
 
     def _region(
         self, image: Tensor, mask: Tensor, rng: np.random.Generator
     ) -> tuple[Tensor, Tensor]:
-        side = max(2, round(self.crop * float(np.exp(rng.uniform(-np.log(ZOOM), np.log(ZOOM))))))
+        zoom = float(np.exp(rng.uniform(-np.log(ZOOM), np.log(ZOOM)))) if self.full else 1.0
+        side = max(2, round(self.crop * zoom))
         height, width = image.shape[-2:]
         if height < side or width < side:  # small image: mirror it out to the region's size
             pad = (0, max(0, side - width), 0, max(0, side - height))

@@ -45,7 +45,7 @@ from unetpp.core.errors import InvalidInput, UNetPPError
 from unetpp.core.metrics import ScoreAccumulator
 from unetpp.core.preprocess import MULTIPLE, Preprocessing, crop_to, pad_to_multiple
 from unetpp.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from unetpp.model.data import CropDataset
+from unetpp.model.data import AUGMENTS, CropDataset
 from unetpp.model.losses import deep_supervision_loss
 from unetpp.model.unetpp import WIDTHS, Arch, ModelConfig, UNetPlusPlus, build_model, default_config
 
@@ -71,6 +71,7 @@ class TrainConfig:
     time_budget: float | None = None  # minutes
     stop_at_step: int | None = None
     crop: int = 96
+    augment: str = "full"  # or "geometric": crops and symmetries only
     batch_size: int = 8
     lr: float = 3e-4
     seed: int = 0
@@ -85,6 +86,10 @@ class TrainConfig:
             raise InvalidInput(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.crop < MULTIPLE or self.crop % MULTIPLE:
             raise InvalidInput(f"--crop must be a positive multiple of {MULTIPLE}, got {self.crop}")
+        if self.augment not in AUGMENTS:
+            raise InvalidInput(
+                f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"
+            )
         for name in ("batch_size", "epochs", "stop_at_step", "epoch_crops"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -277,7 +282,7 @@ class Trainer:
         crops = config.epoch_crops or math.ceil(pixels / config.crop**2)
         crops = max(per_step, crops)
         self.dataset = CropDataset(
-            self.train_samples, self.preprocessing, config.crop, crops, config.seed
+            self.train_samples, self.preprocessing, config.crop, crops, config.seed, config.augment
         )
         self.sampler = DistributedSampler(
             self.dataset,

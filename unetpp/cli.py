@@ -90,6 +90,11 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop when spent")
     p.add_argument("--stop-at-step", type=int, help="pause after this step; continue with --resume")
     p.add_argument("--crop", type=int, help="training crop side, a multiple of 16 (default 96)")
+    p.add_argument(
+        "--augment",
+        choices=("full", "geometric"),
+        help="full: zoom, intensity and noise jitter too (default); geometric: crops, flips, turns",
+    )
     p.add_argument("--batch-size", type=int, help="crops per step and process (default 8)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4), cosine-annealed")
     p.add_argument("--seed", type=int, help="weights and augmentation (default 0)")

@@ -50,6 +50,19 @@ def test_augmentation_varies_zoom_orientation_and_intensity():
     assert max(spreads) > 1.3 * min(s for s in spreads if s > 0)
 
 
+def test_geometric_augmentation_only_crops_and_turns():
+    sample = blob_sample()
+    whole = torch.from_numpy(Preprocessing()(sample.image))[0]
+    data = CropDataset([sample], Preprocessing(), crop=48, length=20, seed=0, augment="geometric")
+    for i in range(len(data)):
+        image, mask = data[i]
+        # values untouched (no zoom, intensity or noise) and still the mask's two levels
+        assert set(image.unique().tolist()) <= set(whole.unique().tolist())
+        assert torch.equal(image[0] > whole.mean(), mask[0] > 0)
+    with pytest.raises(ValueError, match="augment"):
+        CropDataset([sample], Preprocessing(), crop=48, length=1, augment="strong")
+
+
 def test_bce_dice_matches_the_formula():
     logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
     target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
