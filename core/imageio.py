@@ -2,13 +2,20 @@
 
 Everything that reads an image (training folders, evaluation, the server) goes through
 `decode_image`, so the same file gives the same array everywhere. Palette images become RGB(A),
-EXIF orientation is applied, and multi-page TIFFs give their first page.
+CMYK becomes RGB, multi-page TIFFs give their first page, and the EXIF orientation (JPEG and PNG
+EXIF, the TIFF Orientation tag) is applied, so the array, and a mask made from it, is the image
+as viewers show it.
+
+Bytes may be hostile: any failure of the parsers is an ImageDecodeError (never another
+exception), the size limits are checked from the header before the pixels are decoded, and
+Pillow's own decompression-bomb error (above 2 x Image.MAX_IMAGE_PIXELS) is an ImageTooLarge.
+Float images with NaN or infinite pixels are refused: they have no percentile normalisation.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +24,8 @@ from unetpp.core.errors import ImageDecodeError, ImageTooLarge, UnsupportedImage
 
 FORMATS = ("PNG", "JPEG", "TIFF")
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# what Pillow's parsers raise on malformed bytes (UnidentifiedImageError is an OSError)
+CORRUPT = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
 
 
 def decode_image(
@@ -36,16 +45,15 @@ def decode_image(
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as exc:
         raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror})") from exc
-    with fp, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with fp:
         try:
             img = Image.open(fp)
         except UnidentifiedImageError as exc:
             raise ImageDecodeError(f"{name}: not a PNG, JPEG or TIFF image") from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"{name}: {exc}") from exc
-        except OSError as exc:
-            raise ImageDecodeError(f"{name}: {exc}") from exc
+        except CORRUPT as exc:
+            raise ImageDecodeError(f"{name}: unreadable header or metadata ({exc})") from exc
         if img.format not in FORMATS:
             raise UnsupportedImage(
                 f"{name}: {img.format} images are not supported; use PNG, JPEG or TIFF"
@@ -55,9 +63,8 @@ def decode_image(
             limit = f"{max_pixels} pixels" + (f", {max_side} per side" if max_side else "")
             raise ImageTooLarge(f"{name}: {width}x{height} is above the limit ({limit})")
         try:
-            img = ImageOps.exif_transpose(img) if img.format == "JPEG" else img
-            return _to_array(img, name)
-        except (OSError, ValueError, SyntaxError) as exc:
+            return _to_array(ImageOps.exif_transpose(img), name)
+        except CORRUPT as exc:
             raise ImageDecodeError(f"{name}: truncated or corrupt image ({exc})") from exc
 
 
@@ -86,6 +93,8 @@ def _to_array(img: Image.Image, name: str) -> np.ndarray:
         arr = np.asarray(img)
     else:
         raise UnsupportedImage(f"{name}: pixel mode {img.mode} is not supported")
+    if arr.dtype == np.float32 and not np.isfinite(arr).all():
+        raise UnsupportedImage(f"{name}: NaN or infinite pixel values are not supported")
     if arr.ndim == 2 or arr.shape[-1] in (2, 3, 4):
         return np.ascontiguousarray(arr)
     raise UnsupportedImage(f"{name}: unexpected pixel layout {arr.shape}")
