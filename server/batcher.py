@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from unetpp.core.errors import UNetPPError
 from unetpp.server.errors import DeadlineExceeded, NotReady
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,14 @@ class Batcher:
                 )
             except Exception as exc:
                 log.exception("batch %d of %d on %s failed", batch_id, len(items), graph)
+                # a domain error: answered as a JSON 500 like any other, the connection kept
+                # (an unhandled exception would also make uvicorn drop the keep-alive connection)
+                failure = UNetPPError(
+                    f"graph {graph} failed on this input ({type(exc).__name__}; see the log)"
+                )
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(exc)
+                        item.future.set_exception(failure)
                 continue
             finally:
                 self.backlog_ms = max(0.0, self.backlog_ms - sum(i.predicted_ms for i in items))

@@ -1,0 +1,157 @@
+"""Faults at start and at run time, on copies of the real tiny repository. A repository that
+cannot be served leaves the server up and not ready, with the reason in /readyz, in every
+refused request and in the log (a tampered graph and an unusable CUDA are in test_http.py).
+A graph that fails while serving one request fails that request alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import sha256_file
+
+from .conftest import settings, start, stop, synthetic
+from .test_http import failed_readiness
+
+
+def edit_manifest(repository: Path, edit: Callable[[dict], None]) -> None:
+    path = repository / "model.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def replace_graph(repository: Path, name: str, content: bytes) -> None:
+    """Overwrite graph `name`'s file and record its new hash, as a re-export would."""
+    (repository / f"{name}.onnx").write_bytes(content)
+    digest = sha256_file(repository / f"{name}.onnx")
+
+    def rehash(data: dict) -> None:
+        for graph in data["graphs"]:
+            if graph["file"] == f"{name}.onnx":
+                graph["sha256"] = digest
+
+    edit_manifest(repository, rehash)
+
+
+def missing_graph(repository: Path) -> None:
+    (repository / "L3.onnx").unlink()
+
+
+def corrupt_graph(repository: Path) -> None:
+    replace_graph(repository, "L2", b"\x08\x07 not a protobuf " * 64)
+
+
+def newer_schema(repository: Path) -> None:
+    edit_manifest(repository, lambda data: data.update(schema_version=data["schema_version"] + 1))
+
+
+def truncated_manifest(repository: Path) -> None:
+    (repository / "model.json").write_text('{"schema_version": 1, "graphs": [')
+
+
+def unreadable_manifest(repository: Path) -> None:
+    # permissions do not stop root (CI), so the manifest is made something open() cannot read
+    (repository / "model.json").unlink()
+    (repository / "model.json").mkdir()
+
+
+def no_repository(repository: Path) -> None:
+    shutil.rmtree(repository)
+
+
+FAULTS = {
+    "missing graph": (missing_graph, ["L3", "missing"]),
+    "corrupt graph": (corrupt_graph, ["L2.onnx", "onnxruntime cannot load it"]),
+    "manifest of a newer schema": (newer_schema, ["newer than"]),
+    "truncated manifest": (truncated_manifest, ["unreadable manifest"]),
+    "unreadable manifest": (unreadable_manifest, ["unreadable manifest"]),
+    "no repository": (no_repository, ["no manifest"]),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_broken_repository_is_refused_with_the_reason(fault, tiny_repository, tmp_path, caplog):
+    damage, words = FAULTS[fault]
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_repository, repository)
+    damage(repository)
+    with caplog.at_level(logging.ERROR, logger="unetpp.server"):
+        server = start(settings(repository), ready=False)
+        try:
+            detail = failed_readiness(server)["detail"]
+            for word in words:
+                assert word in detail, detail
+            refused = server.segment(encode_png(synthetic(32, 32)))
+            assert refused.status_code == 503 and refused.json()["detail"] == detail
+            assert server.client.get("/v1/models").status_code == 503
+        finally:
+            stop(server)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(word in logged for word in words), logged
+
+
+def square_only_graph() -> bytes:
+    """A valid graph with the served interface (image -> logits, any N, H, W) that onnxruntime
+    can only run on square inputs: image + its transpose. Start-up calibration (square sizes)
+    passes; a request for a non-square image fails inside the session."""
+    dims = ["N", 1, "H", "W"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["image"], ["t"], perm=[0, 1, 3, 2]),
+            helper.make_node("Add", ["image", "t"], ["logits"]),
+        ],
+        "square_only",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_a_session_error_fails_only_its_own_request(tiny_repository, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_repository, repository)
+    replace_graph(repository, "L2", square_only_graph())
+    server = start(settings(repository))
+    oblong, square = encode_png(synthetic(48, 80)), encode_png(synthetic(64, 64))
+    try:
+        results: dict[str, list[tuple[int, str | None]]] = {"L1": [], "L2": []}
+        barrier = threading.Barrier(4)
+
+        def call(level: int) -> None:
+            barrier.wait()
+            for _ in range(3):
+                r = server.segment(oblong, level=level)
+                error = None if r.status_code == 200 else r.json()["error"]
+                results[f"L{level}"].append((r.status_code, error))
+
+        threads = [threading.Thread(target=call, args=(level,)) for level in (1, 1, 2, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # the failing graph's requests fail (a server fault: 500, as JSON); the others, at the
+        # same time, are served
+        assert results["L2"] == [(500, "internal_error")] * 6
+        assert results["L1"] == [(200, None)] * 6
+        assert server.client.get("/readyz").status_code == 200
+        # the failed session is not poisoned: inputs it can run still work
+        r = server.segment(square, level=2, format="probabilities", encoding="npy")
+        assert r.status_code == 200 and r.headers["x-unetpp-graph"] == "L2"
+        assert server.segment(oblong, level=1).status_code == 200
+    finally:
+        stop(server)
+    assert np.isfinite(np.load(io.BytesIO(r.content))).all()
