@@ -8,8 +8,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from unetpp.server.access import AccessLog
+from unetpp.server.deps import Authorized
 from unetpp.server.errors import BodyTooLarge, error_response, install_handlers
-from unetpp.server.routers import health, models, segment, web
+from unetpp.server.metrics import Metrics
+from unetpp.server.routers import admin, health, metrics, models, segment, v2, web
 from unetpp.server.settings import Settings
 from unetpp.server.state import ServerState
 
@@ -20,6 +23,9 @@ UNet++ segmentation with four pruned graphs (L1..L4, and the ensemble of their h
 export measured it better). Every request chooses its trade-off with **one** of `level`,
 `mode` (fast, balanced, accurate), `max_latency_ms` or `min_iou`, plus `precision`; the
 response headers say what was chosen and why. Errors are JSON `{"error", "detail"}`.
+The same service speaks the KServe v2 / Open Inference Protocol under `/v2`, and exposes
+Prometheus metrics at `/metrics`. With `UNETPP_API_KEY` set, everything but health, the web
+page and (unless `UNETPP_METRICS_AUTH`) metrics needs `Authorization: Bearer <key>`.
 """
 
 
@@ -39,6 +45,7 @@ class BodyLimit:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > self.limit:
+            scope.setdefault("state", {})["error"] = BodyTooLarge.error
             response = error_response(413, BodyTooLarge.error, detail, {"Connection": "close"})
             await response(scope, receive, send)
             return
@@ -57,10 +64,11 @@ class BodyLimit:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    telemetry = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServerState(settings)
+        state = ServerState(settings, telemetry)
         app.state.server = state
         loading = asyncio.create_task(state.load())
         try:
@@ -79,6 +87,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    for module in (health, models, segment, web):
-        app.include_router(module.router)
+    app.add_middleware(AccessLog, metrics=telemetry)  # outermost: sees every answer
+    # the key is declared (and in the OpenAPI schema) only when the server has one
+    guard = [Authorized] if settings.api_key is not None else []
+    for public in (health.router, web.router, v2.public):
+        app.include_router(public)
+    for protected in (models.router, segment.router, v2.router, admin.router):
+        app.include_router(protected, dependencies=guard)
+    app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])
     return app

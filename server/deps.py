@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from unetpp.server.errors import NotReady
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from unetpp.server.errors import Unauthorized
 from unetpp.server.service import Service
 from unetpp.server.settings import Settings
 from unetpp.server.state import ServerState
@@ -22,13 +25,29 @@ def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def get_service(state: StateDep) -> Service:
-    if state.service is None:
-        if state.error:
-            raise NotReady(state.error)
-        raise NotReady("the model is still loading", retry_after=1)
-    return state.service
+async def get_service(state: StateDep) -> AsyncIterator[Service]:
+    """The serving service, leased for the whole request: a hot reload swaps in a new one, and
+    the old one is closed only after every request holding it has finished."""
+    with state.current().lease() as service:
+        yield service
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+_bearer = HTTPBearer(auto_error=False, description="UNETPP_API_KEY")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def require_token(settings: SettingsDep, credentials: BearerDep) -> None:
+    """The request must carry `Authorization: Bearer <api_key>` (app.py adds this dependency
+    to the protected routers when the server has an `api_key`)."""
+    assert settings.api_key is not None
+    if credentials is None:
+        raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
+    expected = settings.api_key.get_secret_value().encode()
+    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+        raise Unauthorized("the bearer token is not this server's API key")
+
+
+Authorized = Depends(require_token)

@@ -1,7 +1,9 @@
 """The server's own failures and the one place where every exception becomes an HTTP answer.
 
 Every error body is `{"error": <short code>, "detail": <sentence>}`, FastAPI's own 404, 405 and
-422 included. A client's bad input is always a 4xx; only a bug in this code is a 500.
+422 included; under /v2 it is the Open Inference Protocol's `{"error": "<code>: <sentence>"}`.
+A client's bad input is always a 4xx; only a bug in this code is a 500. The code is also left
+in `request.state.error` for the access log and the metrics.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ class QueueFull(Unavailable):
     error = "queue_full"
 
 
+class Unauthorized(UNetPPError):
+    """A missing or wrong bearer token (the server has UNETPP_API_KEY set)."""
+
+    status_code = 401
+    error = "unauthorized"
+
+
 class DeadlineExceeded(UNetPPError):
     """The request's deadline passed before its result was ready."""
 
@@ -64,21 +73,32 @@ def error_response(status: int, error: str, detail: str, headers: dict[str, str]
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+def _answer(
+    request: Request, status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    request.state.error = error
+    if request.url.path.startswith("/v2/") or request.url.path == "/v2":
+        return JSONResponse({"error": f"{error}: {detail}"}, status_code=status, headers=headers)
+    return error_response(status, error, detail, headers)
+
+
 async def _domain(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UNetPPError)
     headers = None
     if isinstance(exc, Unavailable) and exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="unetpp"'}
     if exc.status_code >= 500 and not isinstance(exc, Unavailable):
         log.warning("%s %s: %s (%s)", request.method, request.url.path, exc.error, exc.detail)
-    return error_response(exc.status_code, exc.error, exc.detail, headers)
+    return _answer(request, exc.status_code, exc.error, exc.detail, headers)
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     error = codes.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, error, str(exc.detail), dict(exc.headers or {}))
+    return _answer(request, exc.status_code, error, str(exc.detail), dict(exc.headers or {}))
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
@@ -87,12 +107,12 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return error_response(422, "invalid_parameter", "; ".join(parts))
+    return _answer(request, 422, "invalid_parameter", "; ".join(parts))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)
-    return error_response(500, "internal_error", f"{type(exc).__name__}: the server failed")
+    return _answer(request, 500, "internal_error", f"{type(exc).__name__}: the server failed")
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -4,6 +4,7 @@ Pure functions over `Candidate`s (a graph's measured IoU and its predicted laten
 request's pixels); the service fills them in. The rules (README "Serving" repeats them):
 
 - precision: `fp32` or `int8` keeps only graphs of that precision; `auto` keeps all.
+- `graph=name`: that graph (a /v2 model version names one).
 - `level=k`: the graph of pruning depth k; among several, the plain head (output "logits")
   before the ensemble, fp32 before int8.
 - `mode=accurate`: the best measured IoU (ties: the faster).
@@ -43,19 +44,20 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Choice:
-    """What the client asked for; at most one of level, mode, max_latency_ms, min_iou."""
+    """What the client asked for; at most one of graph, level, mode, max_latency_ms, min_iou."""
 
     level: int | None = None
     mode: Mode | None = None
     max_latency_ms: float | None = None
     min_iou: float | None = None
     precision: Precision = "auto"
+    graph: str | None = None
 
 
 @dataclass(frozen=True)
 class Route:
     graph: str
-    rule: str  # "level", "mode", "max_latency_ms", "min_iou"
+    rule: str  # "graph", "level", "mode", "max_latency_ms", "min_iou"
     reason: str
     missed: bool = False  # the budget or the accuracy floor could not be met
     candidates: tuple[Candidate, ...] = ()  # what was weighed (after the precision filter)
@@ -119,11 +121,14 @@ def _choose(
 ) -> Route:
     given = [
         name
-        for name in ("level", "mode", "max_latency_ms", "min_iou")
+        for name in ("graph", "level", "mode", "max_latency_ms", "min_iou")
         if getattr(choice, name) is not None
     ]
     if len(given) > 1:
-        raise BadParameter(f"give at most one of level, mode, max_latency_ms, min_iou; got {given}")
+        raise BadParameter(
+            f"give at most one of graph (a model version), level, mode, max_latency_ms, "
+            f"min_iou; got {given}"
+        )
     if not pool:
         raise BadParameter(f"no {choice.precision} graph in this model repository")
     measured = any(c.iou is not None for c in pool)
@@ -133,6 +138,11 @@ def _choose(
 
     def fastest(cs: Sequence[Candidate]) -> Candidate:
         return min(cs, key=lambda c: (c.predicted_ms, [-x for x in _score(c, measured)]))
+
+    if choice.graph is not None:
+        if not any(c.name == choice.graph for c in pool):
+            raise BadParameter(f"no {choice.precision} graph named {choice.graph!r}")
+        return Route(choice.graph, "graph", f"graph {choice.graph} requested")
 
     if choice.level is not None:
         level = [c for c in pool if c.level == choice.level]

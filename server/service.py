@@ -6,10 +6,11 @@ to run in threads; inference runs in the batcher's threads.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from unetpp.server import tiling
 from unetpp.server.batcher import Batcher, ItemResult
 from unetpp.server.errors import DeadlineExceeded, QueueFull
 from unetpp.server.latency import LatencyPredictor
+from unetpp.server.metrics import Metrics
 from unetpp.server.router import Candidate, Choice, Route, choose
 from unetpp.server.runtime import LoadedModel, Runner
 from unetpp.server.settings import Settings
@@ -60,12 +62,28 @@ class Inference:
 
 
 class Admission:
-    """A request admitted to the queue; `submitting()` says it will not join further batches."""
+    """A request admitted to the queue; `submitting()` says it will not join further batches.
+    `deadline` (time.monotonic()) is when the request gives up."""
 
-    def __init__(self, batcher: Batcher) -> None:
+    def __init__(self, batcher: Batcher, timeout: asyncio.Timeout, timeout_ms: float) -> None:
         self._batcher = batcher
+        self._timeout = timeout
+        self.timeout_ms = timeout_ms
+        self.deadline = time.monotonic() + timeout_ms / 1000.0
         self._preparing = True
         batcher.preparing += 1
+
+    def shorten(self, deadline_ms: float | None) -> None:
+        """Bring the deadline forward to `deadline_ms` from now (a limit read from the body)."""
+        if deadline_ms is None:
+            return
+        earlier = self.deadline - (time.monotonic() + deadline_ms / 1000.0)
+        if earlier > 0:
+            self.deadline -= earlier
+            self.timeout_ms = deadline_ms
+            when = self._timeout.when()
+            assert when is not None
+            self._timeout.reschedule(when - earlier)
 
     def submitting(self) -> None:
         if self._preparing:
@@ -75,9 +93,10 @@ class Admission:
 
 
 class Service:
-    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+    def __init__(self, model: LoadedModel, settings: Settings, metrics: Metrics) -> None:
         self.model = model
         self.settings = settings
+        self.metrics = metrics
         self.predictor = LatencyPredictor()
         self.calibration: dict[str, dict[int, float]] = {}
         self.batcher = Batcher(
@@ -90,6 +109,9 @@ class Service:
         self.in_flight = 0
         self.requests: dict[str, int] = dict.fromkeys(model.runners, 0)
         self.missed: dict[str, int] = dict.fromkeys(model.runners, 0)
+        self.leases = 0  # requests holding this service (see `lease`)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def runners(self) -> dict[str, Runner]:
@@ -123,28 +145,57 @@ class Service:
 
     def _observe(self, graph: str, size: int, pixels: int, run_ms: float) -> None:
         self.predictor.observe(graph, pixels, run_ms / size)
+        self.metrics.batch(graph, size, run_ms)
+
+    @contextmanager
+    def lease(self) -> Iterator[Service]:
+        """Held by every request using this service; a replaced service closes when none is."""
+        self.leases += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+            if not self.leases:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
     @asynccontextmanager
-    async def admit(self) -> AsyncIterator[Admission]:
+    async def admit(self, deadline_ms: float | None = None) -> AsyncIterator[Admission]:
+        """Admit a request for at most `deadline_ms` (default and cap: the server's timeout):
+        QueueFull when `max_queue` are in flight, DeadlineExceeded when its time is up."""
         if self.in_flight >= self.settings.max_queue:
             retry = (self.batcher.queue_wait_ms() + self.settings.max_wait_ms) / 1000.0
             raise QueueFull(
                 f"{self.in_flight} requests in flight, the limit is {self.settings.max_queue}",
                 retry_after=retry,
             )
+        timeout_ms = min(deadline_ms or self.settings.timeout_ms, self.settings.timeout_ms)
+        timeout = asyncio.timeout(timeout_ms / 1000.0)
         self.in_flight += 1
-        admission = Admission(self.batcher)
+        admission = Admission(self.batcher, timeout, timeout_ms)
         try:
-            yield admission
+            async with timeout:
+                yield admission
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"no result within the deadline of {admission.timeout_ms:g} ms; "
+                "try a faster mode, a smaller image or a larger deadline_ms"
+            ) from exc
         finally:
             admission.submitting()
             self.in_flight -= 1
 
     def prepare(self, data: bytes) -> Prepared:
         """Decode (within the limits), preprocess with the manifest's recipe, pad (blocking)."""
-        image = decode_image(
-            data, max_pixels=self.settings.max_pixels, max_side=self.settings.max_side
+        return self.preprocess(
+            decode_image(data, max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
         )
+
+    def preprocess(self, image: np.ndarray) -> Prepared:
+        """A decoded HxW or HxWxC image -> the padded network input (blocking)."""
         prep = self.model.manifest.preprocessing
         x, size = pad_to_multiple(prep(image), prep.multiple)
         return Prepared(image, x, size)
@@ -181,6 +232,8 @@ class Service:
             return route
         self.requests[route.graph] += 1
         self.missed[route.graph] += route.missed
+        policy = (choice.mode or self.settings.default_mode) if route.rule == "mode" else route.rule
+        self.metrics.routes.labels(policy, route.graph, str(route.missed).lower()).inc()
         return route
 
     async def infer(self, graph: str, prepared: Prepared, plan: Plan, deadline: float) -> Inference:
@@ -214,6 +267,7 @@ class Service:
         batches = {r.batch_id: r for r in results}
         inference_ms = sum(r.run_ms for r in batches.values())
         queue_ms = results[0].queue_ms if len(results) == 1 else max(wall_ms - inference_ms, 0.0)
+        self.metrics.queue_seconds.labels(graph).observe(queue_ms / 1000.0)
         return Inference(
             crop_to(logits, prepared.size),
             queue_ms,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from unetpp.core.preprocess import MULTIPLE
 
@@ -44,6 +44,19 @@ class Settings(BaseSettings):
     default_mode: Mode = "balanced"
     fast_tolerance: float = Field(0.02, ge=0, le=1, description="IoU below the best 'fast' accepts")
     calibration_repeats: int = Field(3, ge=1)
+
+    api_key: SecretStr | None = Field(
+        None, description="bearer token required on everything but health (and metrics)"
+    )
+    metrics_auth: bool = Field(False, description="require the api_key on /metrics too")
+    drain_delay_s: float = Field(
+        2.0, ge=0, description="on SIGTERM, seconds not-ready but serving before listeners close"
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _tiles(self) -> Settings:

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from unetpp.server.deps import ServiceDep, StateDep
+from unetpp.server.errors import NotReady
 
 router = APIRouter(tags=["health"])
 
@@ -19,9 +20,11 @@ async def healthz(state: StateDep) -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: the model is loaded, verified and calibrated",
-    responses={503: {"description": "loading, or failed (the detail says why)"}},
+    responses={503: {"description": "loading, failed (the detail says why), or shutting down"}},
 )
-async def readyz(service: ServiceDep) -> dict[str, Any]:
+async def readyz(state: StateDep, service: ServiceDep) -> dict[str, Any]:
+    if state.draining:
+        raise NotReady("the server is shutting down")
     return {
         "status": "ready",
         "device": service.model.device,

@@ -15,8 +15,8 @@ from starlette.datastructures import UploadFile
 from unetpp.core.inference import logit_threshold
 from unetpp.core.manifest import Graph
 from unetpp.server import encoders
-from unetpp.server.deps import ServiceDep, SettingsDep
-from unetpp.server.errors import BadParameter, DeadlineExceeded, UnsupportedMediaType
+from unetpp.server.deps import ServiceDep
+from unetpp.server.errors import BadParameter, UnsupportedMediaType
 from unetpp.server.router import Choice, Precision, Route
 from unetpp.server.service import Inference
 from unetpp.server.settings import Mode
@@ -26,9 +26,9 @@ router = APIRouter(prefix="/v1", tags=["segmentation"])
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff")
 
 
-class SegmentParams(BaseModel):
+class RouteParams(BaseModel):
     """Routing (at most one of level, mode, max_latency_ms, min_iou; none: the default mode),
-    precision, output format and deadline."""
+    precision and deadline; shared by /v1/segment (query) and /v2 infer (`parameters`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +48,17 @@ class SegmentParams(BaseModel):
         description="accuracy floor; the fastest graph whose measured IoU reaches it",
     )
     precision: Precision = Field("auto", description="fp32, int8, or auto (either)")
+    deadline_ms: float | None = Field(
+        None, gt=0, description="give up after this long (default and cap: the server's timeout)"
+    )
+
+    def choice(self) -> Choice:
+        return Choice(self.level, self.mode, self.max_latency_ms, self.min_iou, self.precision)
+
+
+class SegmentParams(RouteParams):
+    """The routing parameters, plus the output format."""
+
     format: Literal["png", "json", "overlay", "probabilities"] = Field(
         "png",
         description="png: 0/255 mask; json: RLE mask, area, bbox, graph, timings; overlay: the "
@@ -56,12 +67,6 @@ class SegmentParams(BaseModel):
     encoding: Literal["png16", "npy"] = Field(
         "png16", description="for format=probabilities: 16-bit PNG (p * 65535) or float32 NPY"
     )
-    deadline_ms: float | None = Field(
-        None, gt=0, description="give up after this long (default and cap: the server's timeout)"
-    )
-
-    def choice(self) -> Choice:
-        return Choice(self.level, self.mode, self.max_latency_ms, self.min_iou, self.precision)
 
 
 REQUEST_BODY: dict[str, Any] = {
@@ -126,60 +131,50 @@ async def segment(
     request: Request,
     params: Annotated[SegmentParams, Query()],
     service: ServiceDep,
-    settings: SettingsDep,
 ) -> Response:
     """Decode, preprocess (the manifest's recipe), choose a graph, run it batched with other
     requests (tiled above the size limit), threshold and encode. The mask has the input's size."""
     start = time.monotonic()
-    choice = params.choice()
-    timeout_ms = min(params.deadline_ms or settings.timeout_ms, settings.timeout_ms)
-    deadline = start + timeout_ms / 1000.0
     manifest = service.model.manifest
-    try:
-        async with asyncio.timeout(timeout_ms / 1000.0), service.admit() as admission:
-            data = await read_image_bytes(request)
-            prepared = await asyncio.to_thread(service.prepare, data)
-            plan = service.plan(prepared)
-            route = service.route(choice, plan)
-            admission.submitting()
-            result = await service.infer(route.graph, prepared, plan, deadline)
-            cut = logit_threshold(manifest.threshold)
-            mask, content, media_type = await asyncio.to_thread(
-                _render, params, prepared.image, result.logits[0], cut
-            )
-            graph = service.runners[route.graph].graph
-            headers = route_headers(graph, route, result)
-            if params.format == "json":
-                timings = {
-                    "queue_ms": round(result.queue_ms, 3),
-                    "inference_ms": round(result.inference_ms, 3),
-                    "total_ms": round(1000.0 * (time.monotonic() - start), 3),
-                    "batches": result.batches,
-                    "largest_batch": result.largest_batch,
-                    "tiles": plan.tiles,
-                }
-                body = {
-                    "width": int(mask.shape[1]),
-                    "height": int(mask.shape[0]),
-                    "graph": {
-                        "name": graph.name,
-                        "level": graph.level,
-                        "precision": graph.precision,
-                        "output": graph.output,
-                    },
-                    "route": route_json(route),
-                    "threshold": manifest.threshold,
-                    "mask": content,
-                    "timings": timings,
-                }
-                # rendering a large mask's RLE takes a while: off the event loop too
-                return await asyncio.to_thread(JSONResponse, body, headers=headers)
-            return Response(content, media_type=media_type, headers=headers)
-    except TimeoutError as exc:
-        raise DeadlineExceeded(
-            f"no result within the deadline of {timeout_ms:g} ms; "
-            "try a faster mode, a smaller image or a larger deadline_ms"
-        ) from exc
+    async with service.admit(params.deadline_ms) as admission:
+        data = await read_image_bytes(request)
+        prepared = await asyncio.to_thread(service.prepare, data)
+        plan = service.plan(prepared)
+        route = service.route(params.choice(), plan)
+        admission.submitting()
+        result = await service.infer(route.graph, prepared, plan, admission.deadline)
+        cut = logit_threshold(manifest.threshold)
+        mask, content, media_type = await asyncio.to_thread(
+            _render, params, prepared.image, result.logits[0], cut
+        )
+        graph = service.runners[route.graph].graph
+        headers = route_headers(graph, route, result)
+        if params.format == "json":
+            timings = {
+                "queue_ms": round(result.queue_ms, 3),
+                "inference_ms": round(result.inference_ms, 3),
+                "total_ms": round(1000.0 * (time.monotonic() - start), 3),
+                "batches": result.batches,
+                "largest_batch": result.largest_batch,
+                "tiles": plan.tiles,
+            }
+            body = {
+                "width": int(mask.shape[1]),
+                "height": int(mask.shape[0]),
+                "graph": {
+                    "name": graph.name,
+                    "level": graph.level,
+                    "precision": graph.precision,
+                    "output": graph.output,
+                },
+                "route": route_json(route),
+                "threshold": manifest.threshold,
+                "mask": content,
+                "timings": timings,
+            }
+            # rendering a large mask's RLE takes a while: off the event loop too
+            return await asyncio.to_thread(JSONResponse, body, headers=headers)
+        return Response(content, media_type=media_type, headers=headers)
 
 
 def route_headers(graph: Graph, route: Route, result: Inference) -> dict[str, str]:
