@@ -8,6 +8,9 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from unetpp.server.settings import Settings
+
+from tests.server.conftest import start, stop
 
 K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 VERSION = "1.33"
@@ -72,4 +75,28 @@ def test_inference_service_pod_part_is_valid() -> None:
         "spec": {"containers": predictor["containers"], "volumes": predictor["volumes"]},
     }
     kubernetes_validate.validate(pod, VERSION, strict=True)
-    assert predictor["containers"][0]["name"] == "kserve-container"
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert {"name": "PROTOCOL", "value": "v2"} in container["env"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+
+
+def test_every_probe_is_a_route_of_the_server() -> None:
+    pods = [
+        documents("deployment.yaml")[0]["spec"]["template"]["spec"],
+        documents("inferenceservice.yaml")[0]["spec"]["predictor"],
+    ]
+    probes = {
+        c[probe]["httpGet"]["path"]
+        for pod in pods
+        for c in pod["containers"]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe")
+        if probe in c
+    }
+    assert probes >= {"/readyz", "/healthz", "/v2/health/ready", "/v2/health/live"}
+    server = start(Settings(), ready=False)  # no model: alive, never ready
+    try:
+        answers = {path: server.client.get(path).status_code for path in probes}
+    finally:
+        stop(server)
+    assert answers == {path: 503 if "ready" in path else 200 for path in probes}
