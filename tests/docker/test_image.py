@@ -114,6 +114,7 @@ def test_image_serves_as_non_root(container) -> None:
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-unetpp-level"] == "2"
     assert decode_image(resp.content).shape == (100, 130)
+    assert httpx.get(f"{url}/v2/health/ready", timeout=10).json() == {"ready": True}
     assert _server_uids() == {10001}
 
     assert _inspect(IMAGE, ".Config.User") == "10001"
