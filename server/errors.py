@@ -96,7 +96,8 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    # Starlette's own 400s are bodies it cannot parse (multipart without a boundary, ...)
+    codes = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
     error = codes.get(exc.status_code, "http_error")
     return _answer(request, exc.status_code, error, str(exc.detail), dict(exc.headers or {}))
 
@@ -112,7 +113,10 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)
-    return _answer(request, 500, "internal_error", f"{type(exc).__name__}: the server failed")
+    # uvicorn drops the connection after an unhandled exception: say so, or a client reusing it
+    # for its next request gets a reset
+    detail = f"{type(exc).__name__}: the server failed"
+    return _answer(request, 500, "internal_error", detail, {"Connection": "close"})
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -66,6 +66,14 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def parameters(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """An input's or output's `parameters` object ({} when absent)."""
+    value = spec.get("parameters") or {}
+    if not isinstance(value, dict):
+        raise InvalidTensor(f"{where}: 'parameters' must be an object")
+    return value
+
+
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], list[Tensor]]:
     """The request's JSON object and its input tensors (binary or JSON data)."""
     if header_length is None:
@@ -98,7 +106,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
             )
         shape = _shape(spec.get("shape"), where)
         count = math.prod(shape)
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = parameters(spec, where).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size != count * dtype.itemsize:
                 raise InvalidTensor(

@@ -118,8 +118,10 @@ async def model_ready(
     return {"name": model_name, "ready": True}
 
 
-def _images(tensor: Tensor, max_pixels: int, max_side: int) -> list[np.ndarray]:
-    """The `image` tensor -> HxW or HxWxC images, within the server's limits."""
+def _images(tensor: Tensor, max_pixels: int, max_side: int, max_images: int) -> list[np.ndarray]:
+    """The `image` tensor -> HxW or HxWxC images, within the server's limits: each image's
+    pixels and sides, and at most `max_images` (max_queue) per request, so one admission is
+    bounded work."""
     array = tensor.array
     if array.dtype == np.bool_:
         raise InvalidTensor("input 'image' must hold numbers, not BOOL")
@@ -134,6 +136,10 @@ def _images(tensor: Tensor, max_pixels: int, max_side: int) -> list[np.ndarray]:
         raise ImageTooLarge(
             f"{w}x{h} is above the limit ({max_pixels} pixels, {max_side} per side)"
         )
+    if len(array) > max_images:
+        raise ImageTooLarge(f"{len(array)} images in one request; the limit is {max_images}")
+    if array.dtype.kind == "f" and not np.isfinite(array.astype(np.float32, copy=False)).all():
+        raise InvalidTensor("input 'image' holds NaN or infinite values (as FP32)")
     return [image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0) for image in array]
 
 
@@ -146,7 +152,7 @@ def _requested(header: dict[str, Any], binary_default: bool) -> list[tuple[str, 
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in OUTPUTS:
             raise InvalidTensor(f"outputs: each needs a 'name' among {', '.join(OUTPUTS)}")
-        binary = (spec.get("parameters") or {}).get("binary_data", binary_default)
+        binary = tensors.parameters(spec, f"output {name!r}").get("binary_data", binary_default)
         out.append((name, bool(binary)))
     return out
 
@@ -184,7 +190,7 @@ async def infer(
         if [t.name for t in inputs] != [INPUT]:
             raise InvalidTensor(f"give one input named {INPUT!r}; got {[t.name for t in inputs]}")
         requested = _requested(header, params.binary_data_output)
-        images = _images(inputs[0], settings.max_pixels, settings.max_side)
+        images = _images(inputs[0], settings.max_pixels, settings.max_side, settings.max_queue)
         prepared = await asyncio.to_thread(lambda: [service.preprocess(i) for i in images])
         plan = service.plan(prepared[0])
         route = service.route(dataclasses.replace(params.choice(), graph=version), plan)

@@ -250,34 +250,43 @@ def post_multipart(live, body: bytes, content_type: str = f"multipart/form-data;
 
 
 def test_malformed_multipart(live, image_png):
+    malformed = (400, "malformed_body")
     cases = {
-        "no boundary": (part("image", image_png) + END, "multipart/form-data", 400),
+        "no boundary": (part("image", image_png) + END, "multipart/form-data", malformed),
         "another boundary": (
             part("image", image_png) + END,
             "multipart/form-data; boundary=x",
-            400,
+            malformed,
         ),
-        "garbage": (b"\0\xff" * 1000, None, 400),
-        "two images": (part("image", image_png) * 2 + END, None, 400),
+        "garbage": (b"\0\xff" * 1000, None, malformed),
+        "two images": (part("image", image_png) * 2 + END, None, malformed),
         "too many fields": (
             b"".join(part(f"f{i}", b"x", None) for i in range(40)) + END,
             None,
-            400,
+            malformed,
         ),
         "a 100 kB part header": (
             part("image", image_png, headers=f"X-Big: {'a' * 100_000}\r\n") + END,
             None,
-            400,
+            malformed,
         ),
-        "unterminated": (part("image", image_png), None, 422),
-        "image as a text field": (part("image", b"hello", None) + END, None, 422),
-        "no image field": (part("picture", image_png) + END, None, 422),
-        "an empty image": (part("image", b"") + END, None, 400),
-        "an image that is not one": (part("image", b"GIF89a" + bytes(20)) + END, None, 400),
+        "unterminated": (part("image", image_png), None, (422, "invalid_parameter")),
+        "image as a text field": (
+            part("image", b"hello", None) + END,
+            None,
+            (422, "invalid_parameter"),
+        ),
+        "no image field": (part("picture", image_png) + END, None, (422, "invalid_parameter")),
+        "an empty image": (part("image", b"") + END, None, (400, "undecodable_image")),
+        "not an image": (
+            part("image", b"GIF89a" + bytes(20)) + END,
+            None,
+            (400, "undecodable_image"),
+        ),
     }
-    for name, (body, content_type, status) in cases.items():
+    for name, (body, content_type, (status, error)) in cases.items():
         r = post_multipart(live, body, *([content_type] if content_type else []))
-        assert r.status_code == status, (name, r.text)
+        assert (r.status_code, r.json()["error"]) == (status, error), (name, r.text)
         assert set(r.json()) == {"error", "detail"}, name
     # a file name is only a label: nothing is written or read under it
     r = post_multipart(live, part("image", image_png, filename="../../../etc/passwd") + END)
