@@ -1,7 +1,8 @@
-"""Faults at start and at run time, on copies of the real tiny repository. A repository that
-cannot be served leaves the server up and not ready, with the reason in /readyz, in every
-refused request and in the log (a tampered graph and an unusable CUDA are in test_http.py).
-A graph that fails while serving one request fails that request alone."""
+"""Faults at start, at hot reload and at run time, on copies of the real tiny repository. A
+repository that cannot be served leaves the server up and not ready, with the reason in /readyz,
+in every refused request and in the log (a tampered graph and an unusable CUDA are in
+test_http.py); the same faults at a reload leave the previous model serving. A graph that fails
+while serving one request fails that request alone."""
 
 from __future__ import annotations
 
@@ -99,6 +100,32 @@ def test_a_broken_repository_is_refused_with_the_reason(fault, tiny_repository, 
             stop(server)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert all(word in logged for word in words), logged
+
+
+def test_a_broken_repository_at_reload_keeps_the_old_one_serving(tiny_repository, tmp_path):
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_repository, repository)
+    server = start(settings(repository))
+    image = encode_png(synthetic(32, 32))
+    try:
+        served = server.client.get("/v1/models").json()["model"]
+        for fault, (damage, words) in FAULTS.items():
+            damage(repository)
+            r = server.client.post("/v1/admin/reload")
+            assert (r.status_code, r.json()["error"]) == (422, "reload_failed"), (fault, r.text)
+            assert "previous model keeps serving" in r.json()["detail"], fault
+            assert all(word in r.json()["detail"] for word in words), (fault, r.text)
+            assert server.client.get("/readyz").status_code == 200, fault
+            assert server.segment(image).status_code == 200, fault
+            assert server.client.get("/v1/models").json()["model"] == served, fault
+            shutil.rmtree(repository, ignore_errors=True)
+            shutil.copytree(tiny_repository, repository)
+        edit_manifest(repository, lambda data: data.update(version="repaired"))
+        r = server.client.post("/v1/admin/reload")
+        assert r.status_code == 200 and r.json()["model"]["version"] == "repaired", r.text
+        assert server.segment(image).status_code == 200
+    finally:
+        stop(server)
 
 
 def square_only_graph() -> bytes:
