@@ -111,3 +111,25 @@ def test_samples_endpoint(live: LiveServer) -> None:
     missing = live.client.get("/v1/samples/..%2F..%2Fetc%2Fpasswd")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert live.client.get("/").headers["content-type"].startswith("text/html")
+
+
+def test_the_page_asks_for_the_api_key(browser, tiny_repository: Path) -> None:
+    """With UNETPP_API_KEY set the page still loads; the API's 401 makes it ask for the key."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    from tests.server.conftest import settings, start, stop
+
+    server = start(settings(tiny_repository, api_key="s3cret"))
+    try:
+        browser.get(server.url + "/")
+        for answer in ("wrong", "s3cret"):  # a wrong key is asked again
+            prompt = _wait(browser, expected_conditions.alert_is_present())
+            assert "API key" in prompt.text
+            prompt.send_keys(answer)
+            prompt.accept()
+        _wait(browser, lambda d: "graphs" in d.find_element(By.ID, "model-info").text)
+        key = browser.execute_script("return sessionStorage.getItem('unetpp-api-key')")
+        assert key == "s3cret"
+    finally:
+        stop(server)
