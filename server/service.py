@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -20,7 +21,7 @@ from unetpp.core.inference import measure_latency
 from unetpp.core.preprocess import crop_to, pad_to_multiple
 from unetpp.server import tiling
 from unetpp.server.batcher import Batcher, ItemResult
-from unetpp.server.errors import DeadlineExceeded, QueueFull
+from unetpp.server.errors import DeadlineExceeded, NotReady, QueueFull
 from unetpp.server.latency import LatencyPredictor
 from unetpp.server.metrics import Metrics
 from unetpp.server.router import Candidate, Choice, Route, choose
@@ -117,12 +118,16 @@ class Service:
     def runners(self) -> dict[str, Runner]:
         return self.model.runners
 
-    def calibrate(self) -> None:
-        """Warm every graph up and measure it at the reference and the tile size (blocking)."""
+    def calibrate(self, stop: threading.Event | None = None) -> None:
+        """Warm every graph up and measure it at the reference and the tile size (blocking).
+        Setting `stop` abandons it between two measurements (a thread cannot be cancelled, and
+        a process shutting down while it loads would otherwise wait for all of them)."""
         manifest = self.model.manifest
         sizes = sorted({manifest.reference_size, self.settings.tile_size})
         for name, runner in self.runners.items():
             for size in sizes:
+                if stop is not None and stop.is_set():
+                    raise NotReady("shutting down: calibration abandoned")
                 ms = measure_latency(
                     runner.session,
                     size,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -42,6 +43,7 @@ class ServerState:
         self.draining = False
         self.loaded_at: float | None = None  # time.time() of the swap
         self._lock = asyncio.Lock()  # one load or reload at a time
+        self.stopping = threading.Event()  # set on shutdown
         self._retiring: set[asyncio.Task[None]] = set()
         metrics.watch(self._gauges)
 
@@ -74,7 +76,7 @@ class ServerState:
                 settings.memory_arena,
             )
             service = Service(model, settings, self.metrics)
-            await asyncio.to_thread(service.calibrate)
+            await asyncio.to_thread(service.calibrate, self.stopping)
         except UNetPPError as exc:
             raise ReloadFailed(exc.detail) from exc
         except Exception as exc:  # onnxruntime's own errors are untyped; stay up, say why
@@ -124,6 +126,7 @@ class ServerState:
         log.info("the previous model is closed (its requests finished)")
 
     async def close(self) -> None:
+        self.stopping.set()  # a load or reload still calibrating gives up
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.service is not None:

@@ -1,25 +1,34 @@
-"""Faults at start, at hot reload and at run time, on copies of the real tiny repository. A
-repository that cannot be served leaves the server up and not ready, with the reason in /readyz,
-in every refused request and in the log (a tampered graph and an unusable CUDA are in
-test_http.py); the same faults at a reload leave the previous model serving. A graph that fails
-while serving one request fails that request alone."""
+"""Faults at start, at hot reload, at shutdown and at run time, on copies of the real tiny
+repository. A repository that cannot be served leaves the server up and not ready, with the
+reason in /readyz, in every refused request and in the log (a tampered graph and an unusable
+CUDA are in test_http.py); the same faults at a reload leave the previous model serving; SIGTERM
+while the model loads ends the process promptly. A graph that fails while serving one request
+fails that request alone."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import sha256_file
+
+from tests.conftest import free_port
 
 from .conftest import settings, start, stop, synthetic
 from .test_http import failed_readiness
@@ -182,3 +191,41 @@ def test_a_session_error_fails_only_its_own_request(tiny_repository, tmp_path):
     finally:
         stop(server)
     assert np.isfinite(np.load(io.BytesIO(r.content))).all()
+
+
+def test_sigterm_while_loading_exits_without_waiting_for_calibration(tiny_repository, tmp_path):
+    """Calibration runs in a thread that cancelling the loading task cannot stop; the process
+    used to wait for all of it (minutes for a large model) after SIGTERM."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "UNETPP_CALIBRATION_REPEATS": "300",  # loading takes tens of seconds
+        "UNETPP_TILE_SIZE": "128",
+        "UNETPP_TILE_OVERLAP": "32",
+        "UNETPP_DRAIN_DELAY_S": "0.5",
+    }
+    log = tmp_path / "server.log"
+    argv = [sys.executable, "-m", "unetpp.server", "--models", str(tiny_repository)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*argv, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health["model"] == "loading"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "calibrated ensemble" not in text, text  # abandoned, not waited for
+    assert "Traceback" not in text, text
