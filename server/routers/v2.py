@@ -138,8 +138,11 @@ def _images(tensor: Tensor, max_pixels: int, max_side: int, max_images: int) -> 
         )
     if len(array) > max_images:
         raise ImageTooLarge(f"{len(array)} images in one request; the limit is {max_images}")
-    if array.dtype.kind == "f" and not np.isfinite(array.astype(np.float32, copy=False)).all():
-        raise InvalidTensor("input 'image' holds NaN or infinite values (as FP32)")
+    if array.dtype.kind == "f":
+        with np.errstate(over="ignore"):  # FP64 beyond float32 becomes inf: refused below
+            finite = np.isfinite(array.astype(np.float32, copy=False)).all()
+        if not finite:
+            raise InvalidTensor("input 'image' holds NaN or infinite values (as FP32)")
     return [image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0) for image in array]
 
 
