@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.docker import drain_budget_s
 from unetpp.demo import repository_for
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -53,6 +54,7 @@ def test_compose_builds_the_dockerfile_and_serves_what_the_init_service_writes()
         assert Path(server["environment"]["UNETPP_MODELS"]) == written
         assert server["depends_on"]["models"]["condition"] == "service_completed_successfully"
         assert {p.rsplit(":", 1)[1] for p in server["ports"]} <= docker["expose"]
+        assert int(server["stop_grace_period"].rstrip("s")) > drain_budget_s()
 
     gpu = services["server-gpu"]
     assert gpu["profiles"] == ["gpu"] and "profiles" not in services["server"]

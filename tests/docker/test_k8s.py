@@ -10,6 +10,7 @@ import pytest
 import yaml
 from unetpp.server.settings import Settings
 
+from tests.docker import drain_budget_s
 from tests.server.conftest import start, stop
 
 K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
@@ -72,12 +73,17 @@ def test_inference_service_pod_part_is_valid() -> None:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "predictor"},
-        "spec": {"containers": predictor["containers"], "volumes": predictor["volumes"]},
+        "spec": {
+            key: predictor[key]
+            for key in ("containers", "volumes", "terminationGracePeriodSeconds")
+        },
     }
     kubernetes_validate.validate(pod, VERSION, strict=True)
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"
     assert {"name": "PROTOCOL", "value": "v2"} in container["env"]
+    for pod in (predictor, documents("deployment.yaml")[0]["spec"]["template"]["spec"]):
+        assert pod["terminationGracePeriodSeconds"] > drain_budget_s()
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
