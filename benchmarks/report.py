@@ -1,0 +1,488 @@
+"""Renders REPORT.md from every results/*.json present (and findings.md, written by hand).
+
+    .venv/bin/python -m benchmarks.report          # benchmarks/REPORT.md
+    .venv/bin/python -m benchmarks.report --quick  # runs/bench-quick/REPORT.md
+
+Every study calls `render` after writing its JSON, so any study regenerates the whole report.
+One section per known results file: to add a study, write a function `(data, place) -> str`
+and list it in SECTIONS under the JSON file's stem. A JSON file without a section is still
+listed at the end, so nothing measured goes unmentioned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Place, place, shown
+
+Renderer = Callable[[dict[str, Any], Place], str]
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; `align` holds one of l/r per column (default: first l, others r)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], key: str, caption: str) -> str:
+    name = data.get("plots", {}).get(key)
+    return f"![{caption}](plots/{name})\n\n*{caption}*" if name else ""
+
+
+def run_facts(data: dict[str, Any]) -> str:
+    """The command, wall time, date and the load average around a study's run."""
+    m = data.get("machine", {})
+    quick = " (**--quick**: a smoke run, not a result)" if data.get("quick") else ""
+    return (
+        f"Command: `{data['command']}`{quick}; wall time {data['wall_s'] / 60:.1f} min; "
+        f"run {m.get('date_utc', '?')}; load average (1/5/15 min) "
+        f"{m.get('load_average_at_start')} at the start, {m.get('load_average_at_end')} at the end."
+    )
+
+
+def pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def paper_section(d: dict[str, Any], where: Place) -> str:
+    seeds = d["seeds"]
+    rows = []
+    for r in d["rows"]:
+        spread = f" ± {100 * r['iou_std']:.2f}" if r["iou_std"] is not None else ""
+        paper = r["paper"] or {}
+        lat = d["latency"].get(f"{r['network']}/{r['output']}")
+        size = lat or d["latency"].get(f"{r['network']}/L4")  # the ensemble needs all of L4
+        rows.append(
+            [
+                r["name"],
+                f"{size['parameters']:,}" if size else "—",
+                f"**{100 * r['iou_mean']:.2f}**{spread}",
+                f"{100 * r['dice_mean']:.2f}",
+                paper.get("seed_table", "—"),
+                paper.get("paper_2018", "—"),
+                f"{lat['ms_256']['median']:.1f}" if lat else "not served",
+            ]
+        )
+    frames = d["per_frame_iou_L4"]
+    frame_rows = [
+        [key, *(f"{100 * v:.2f}" for v in values)]
+        for key, values in frames.items()
+        if key != "frames"
+    ]
+    runs = md_table(
+        ["network", "seed", "steps", "best step", "train min", "val IoU (deepest)"],
+        [
+            [
+                r["network"],
+                r["seed"],
+                r["steps"],
+                r["best_step"],
+                f"{r['train_wall_s'] / 60:.1f}",
+                f"{100 * r['val']['L4']['iou']:.2f}",
+            ]
+            for r in d["runs"]
+        ],
+    )
+    return f"""## 1. The paper's Table 1 on HeLa nuclei (`paper`)
+
+{run_facts(d)}
+
+Data: Fluo-N2DH-HeLa (Cell Tracking Challenge), frames 0-13 train, 14-16 validation, 17-19
+test (700x1100, 16-bit). Every network: `unetpp train --epochs {d["epochs"]}` ({d["steps_per_run"]}
+steps of 8 random 96x96 crops, Adam 3e-4 with cosine annealing, BCE/2 + Dice), seed(s)
+{", ".join(map(str, seeds))}; the checkpoint kept is the epoch with the best validation IoU of
+the deepest head. IoU and Dice (%) on the three test frames, micro-averaged over whole frames,
+threshold 0.5, PyTorch; mean{" ± standard deviation" if len(seeds) > 1 else ""} over
+{len(seeds)} seed(s). Parameters with BN folded (as the paper counts). Latency: {d["latency_method"]}.
+
+{md_table(["network", "parameters", "IoU test", "Dice test", "IoU, seed's table", "IoU, 2018 paper", "ms@256 served"], rows)}
+
+The paper's UNet++ w/ DS figure is set beside our ensemble (the average of the four heads, the
+paper's accurate mode). Not served: `unetpp export` offers the ensemble (as a second output of
+L4) only when it measures better than every single head on the validation frames, and it did
+not; its latency would be L4's.
+
+Per test frame, IoU (%) of each network's served graph (L4, onnxruntime), seed {seeds[0]}:
+
+{md_table(["network", *frames["frames"]], frame_rows)}
+
+{plot(d, "figure2", "Like the paper's Figure 2: the same test crops, ground truth and each network's served mask; per crop, the 160x160 window of the frame with the most wrong pixels summed over all networks (where they differ, not a typical view).")}
+
+{plot(d, "curves", "Validation IoU of the deepest head after every epoch (seed " + str(seeds[0]) + ").")}
+
+Runs:
+
+{runs}
+"""
+
+
+def pruning_section(d: dict[str, Any], where: Place) -> str:
+    rows = [
+        [
+            r["graph"],
+            f"{r['parameters']:,}",
+            f"{r['gflops_256']:.2f}",
+            pct(r["iou_val"], 2),
+            f"**{100 * r['iou_test']:.2f}**",
+            pct(r["dice_test"], 2),
+            f"{r['ms_frame']['median']:.0f}",
+            f"{r['ms_256']['median']:.1f}",
+        ]
+        for r in d["rows"]
+    ]
+    claim = d["paper_claim"]
+    compare = [
+        [
+            f"ours, {c['precision']}",
+            f"{c['time_saved_pct_frame']:.1f}%",
+            f"{c['time_saved_pct_256']:.1f}%",
+            f"{c['gflops_saved_pct']:.1f}%",
+            f"{c['iou_lost_points']:+.2f}",
+        ]
+        for c in d["l3_vs_l4"]
+    ]
+    compare.append(
+        [
+            "paper (GPU, mean over its datasets)",
+            f"{claim['time_saved_pct']}%",
+            "",
+            "",
+            f"{claim['iou_lost_points']:+.2f}",
+        ]
+    )
+    return f"""## 2. Pruning: accuracy against latency (`pruning`)
+
+{run_facts(d)}
+
+Repository `{d["repository"]}`; IoU/Dice (%) on the HeLa test frames by `{d["evaluate"]}`
+(onnxruntime, the served graphs); IoU val: recorded in model.json at export. Latency:
+{d["latency_method"]}; "frame" is a whole 700x1100 test frame (padded to {d.get("frame_input", "a multiple of 16")}).
+
+{md_table(["graph", "parameters", "GFLOPs@256", "IoU val", "IoU test", "Dice test", "ms/frame", "ms@256"], rows)}
+
+L3 against L4, in the paper's terms (time saved by serving L3 instead of L4, and the IoU points
+it costs on the test frames):
+
+{md_table(["", "time saved, frame", "time saved, 256x256", "GFLOPs saved", "IoU lost (points)"], compare)}
+
+{plot(d, "curve", "IoU on the HeLa test frames against onnxruntime latency per frame, L1..L4, fp32 and int8.")}
+"""
+
+
+def levels_section(d: dict[str, Any], where: Place) -> str:
+    peak = d["peak"]
+    configs = sorted({(r["size"], r["batch"]) for r in d["rows"]})
+    names = list(dict.fromkeys(r["graph"] for r in d["rows"]))
+    cell = {(r["graph"], r["size"], r["batch"]): r for r in d["rows"]}
+    heads = [f"{s}², batch {b}" for s, b in configs]
+    speed = [
+        [
+            n,
+            *(
+                f"{cell[n, s, b]['ms_per_image']:.1f} ({cell[n, s, b]['images_per_s']:.1f}/s)"
+                for s, b in configs
+            ),
+        ]
+        for n in names
+    ]
+    flops = [
+        [
+            n,
+            *(
+                f"{cell[n, s, b]['gflops_per_s']:.0f} ({100 * cell[n, s, b]['gflops_per_s'] / d['peak_gflops_per_s']:.0f}%)"
+                for s, b in configs
+            ),
+        ]
+        for n in names
+    ]
+    eager = "PyTorch eager (full network)"
+    vs = []
+    for n in names:
+        if n == eager:
+            continue
+        vs.append(
+            [
+                n,
+                *(
+                    f"{cell[eager, s, b]['ms']['median'] / cell[n, s, b]['ms']['median']:.2f}x"
+                    for s, b in configs
+                ),
+            ]
+        )
+    return f"""## 3. Levels: latency, throughput and achieved GFLOP/s (`levels`)
+
+{run_facts(d)}
+
+Repository `{d["repository"]}`; {d["method"]}. Matrix-multiply peak ({peak["n"]}x{peak["n"]}
+float32): numpy {peak["numpy"]["gflops_per_s"]:.0f} GFLOP/s, onnxruntime MatMul
+{peak["onnxruntime"]["gflops_per_s"]:.0f} GFLOP/s; the better one, {d["peak_gflops_per_s"]:.0f}
+GFLOP/s, is the reference below. int8 graphs do the same multiply-adds in int8, so their
+"GFLOP/s" is the fp32-equivalent rate.
+
+Milliseconds per image (images per second):
+
+{md_table(["graph", *heads], speed)}
+
+Achieved GFLOP/s (share of the measured fp32 matmul peak):
+
+{md_table(["graph", *heads], flops)}
+
+Speed-up over PyTorch eager running the full network (its median time / the graph's):
+
+{md_table(["graph", *heads], vs)}
+
+{plot(d, "chart", "Per graph: ms per image (log) and achieved GFLOP/s against the matmul peak.")}
+"""
+
+
+def server_section(d: dict[str, Any], where: Place) -> str:
+    over = [
+        [
+            r["request"],
+            r["graph"],
+            f"{r['onnxruntime_ms']:.1f}",
+            f"{r['server_ms']:.1f}",
+            f"{r['overhead_ms']:+.1f}",
+            f"{r['ratio']:.2f}",
+            f"{r['server_inference_ms']:.1f}",
+        ]
+        for r in d["overhead"]
+    ]
+    load = [
+        [
+            c["load"],
+            c["concurrency"],
+            c["requests"],
+            f"{c['wall_s']:.0f}",
+            f"**{c['requests_per_s']:.2f}**",
+            c.get("p50_ms", "—"),
+            c.get("p95_ms", "—"),
+            c.get("p99_ms", "—"),
+            ", ".join(f"{k} {v}" for k, v in c.get("served_by", {}).items()) or "—",
+            ", ".join(f"{k}: {v}" for k, v in c["statuses"].items() if k != "200") or "none",
+        ]
+        for c in d["load"]
+    ]
+    b = d["bounds"]
+    mem = [
+        [
+            str(m["memory_arena"]).lower(),
+            f"{m['rss_after_start_mb']:,} MB",
+            f"**{m['peak_rss_mb']:,} MB**",
+            f"{m['request_s']:.1f}",
+            f"{m['server_inference_ms']:.0f}",
+        ]
+        for m in d.get("memory", [])
+    ]
+    mem_image = d["memory"][0]["image"] if d.get("memory") else ""
+    return f"""## 4. Server under load (`server`)
+
+{run_facts(d)}
+
+Repository `{d["repository"]}`; server: {d["server"]}; image: {d["image"]}; all traffic on
+127.0.0.1. The benchmark process and the server share the 2 cores.
+
+Overhead at concurrency 1 (medians of {b["repeats"]} interleaved pairs): end to end is
+PNG in, PNG mask out over HTTP (decode, normalisation, routing, queue, inference, threshold,
+PNG encoding); onnxruntime alone is `session.run` on the same preprocessed input in the
+benchmark process; the server's own inference is its X-UNetPP-Inference-Ms.
+
+{md_table(["request", "graph", "onnxruntime alone (ms)", "server end to end (ms)", "overhead (ms)", "ratio", "server's inference (ms)"], over, "llrrrrr")}
+
+Closed-loop load (benchmarks/loadgen.py: asyncio + httpx, each cell at most {b["requests"]}
+requests or {b["seconds"]:.0f} s): latency percentiles in ms, throughput in requests/s.
+
+{md_table(["load", "concurrency", "requests", "s", "req/s", "p50", "p95", "p99", "served by", "errors"], load, "lrrrrrrrll")}
+
+Batch sizes the server formed (graph: size -> batches): {d["batches_served"]}.
+
+Memory of a fresh server over one large request ({mem_image}; tiles of 512 overlapping by 64,
+batches of up to 8), resident set from /proc (VmRSS after start-up, VmHWM for the peak):
+
+{md_table(["UNETPP_MEMORY_ARENA", "after start-up", "peak", "request (s)", "server's inference (ms)"], mem)}
+
+{plot(d, "load", "Throughput and p95 latency against concurrency, per load.")}
+"""
+
+
+def training_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/train_hela.py: one UNet++ within a time budget (and domain transfer)."""
+
+    def cells(m: dict[str, Any]) -> list[str]:
+        return [
+            f"{m[k]['iou']:.4f} / {m[k]['dice']:.4f}" if k in m else "—"
+            for k in ("L1", "L2", "L3", "L4", "ensemble")
+        ]
+
+    if "hela" in d:  # a full run: HeLa training and the synthetic <-> HeLa transfer
+        h, s = d["hela"], d["synthetic"]
+        rows = [
+            ["HeLa test", h["command"], h["steps"], *cells(h["test"])],
+            ["synthetic test", "(the same HeLa model)", "", *cells(h["synthetic_test"])],
+            ["synthetic test", s["command"], s["steps"], *cells(s["test"])],
+            ["HeLa test", "(the same synthetic model)", "", *cells(s["hela_test"])],
+        ]
+        load = (d["machine"]["load_average_at_start"], d["machine"]["load_average_at_end"])
+    else:  # --score: one further checkpoint
+        args = d.get("train_args", {})
+        how = ", ".join(
+            f"{k} {args[k]}" for k in ("crop", "augment", "time_budget", "epochs") if args.get(k)
+        )
+        rows = [["HeLa test", f"`{d['checkpoint']}` ({how})", d["best_step"], *cells(d["test"])]]
+        load = None
+    extra = f" Load average {load[0]} at the start, {load[1]} at the end." if load else ""
+    return (
+        "IoU / Dice of each level."
+        + extra
+        + "\n\n"
+        + md_table(
+            ["tested on", "trained by", "steps", "L1", "L2", "L3", "L4", "ensemble"],
+            rows,
+            "lllrrrrr",
+        )
+    )
+
+
+def docker_section(d: dict[str, Any], where: Place) -> str:
+    rows = [
+        [
+            f"`unetpp:{kind}`",
+            d[kind]["extra"],
+            f"{d[kind]['image_bytes'] / 1e6:.1f} MB",
+            f"{d[kind]['over_base_mb']:.1f} MB",
+        ]
+        for kind in ("cpu", "gpu")
+        if kind in d
+    ]
+    return f"""## Serving image sizes (`docker_images`)
+
+Measured {d["measured"]}; base {d["base_bytes"] / 1e6:.1f} MB. Commands and notes:
+[results/docker_images.md](results/docker_images.md).
+
+{md_table(["image", "extra", "size", "over the base"], rows, "llrr")}
+"""
+
+
+# file stem -> its section's renderer; the order is the report's
+SECTIONS: dict[str, Renderer | None] = {
+    "paper": paper_section,
+    "pruning": pruning_section,
+    "levels": levels_section,
+    "server": server_section,
+    "gpu": None,  # no results file yet: the section says why
+    "docker_images": docker_section,
+}
+# stems rendered by one renderer under a shared heading
+GROUPS: dict[str, tuple[str, str, Renderer]] = {
+    "training_hela": (
+        "Training within a time budget (`train_hela`)",
+        "`.venv/bin/python -m benchmarks.train_hela` (30-minute budget, time-dependent: the step "
+        "count depends on how busy the CPU was) and `--score CKPT --name NAME` for a further "
+        "checkpoint; scored on the HeLa test frames 17-19.",
+        training_section,
+    ),
+}
+
+
+def render(where: Place) -> str:
+    """Write where.report from every JSON in where.results; return the text."""
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(where.results.glob("*.json"))}
+    parts = [_header(results, where)]
+    findings = Path(__file__).with_name("findings.md")
+    if where.base.name != "bench-quick" and findings.exists():
+        parts.append(findings.read_text().strip())
+    used = set()
+    for stem, renderer in SECTIONS.items():
+        if renderer is None:
+            parts.append(_gpu())
+        elif stem in results:
+            parts.append(renderer(results[stem], where).strip())
+            used.add(stem)
+    for prefix, (title, intro, renderer) in GROUPS.items():
+        stems = [s for s in results if s.startswith(prefix) and s not in used]
+        if stems:
+            body = [f"## {title}", intro]
+            for stem in stems:
+                body += [f"### `results/{stem}.json`", renderer(results[stem], where).strip()]
+                used.add(stem)
+            parts.append("\n\n".join(body))
+    others = [s for s in results if s not in used]
+    if others:
+        parts.append(
+            "## Other results files\n\n"
+            + "\n".join(f"- [`results/{s}.json`](results/{s}.json)" for s in others)
+        )
+    text = "\n\n".join(p for p in parts if p) + "\n"
+    where.report.parent.mkdir(parents=True, exist_ok=True)
+    where.report.write_text(text)
+    return text
+
+
+def _header(results: dict[str, dict[str, Any]], where: Place) -> str:
+    machines = [r["machine"] for r in results.values() if isinstance(r.get("machine"), dict)]
+    m = next((m for m in machines if "cpu" in m), {})
+    studies = [
+        (stem, r)
+        for stem, r in results.items()
+        if "command" in r and "wall_s" in r and "study" in r
+    ]
+    commands = md_table(
+        ["study", "command", "wall time of this run", "run (UTC)"],
+        [
+            [
+                s,
+                f"`{r['command']}`",
+                f"{r['wall_s'] / 60:.1f} min",
+                r["machine"].get("date_utc", ""),
+            ]
+            for s, r in studies
+        ],
+        "llrl",
+    )
+    quick = " --quick" if where.base.name == "bench-quick" else ""
+    results_dir = shown(where.results)
+    return f"""# Benchmark report
+
+Generated by `.venv/bin/python -m benchmarks.report{quick}` from the JSON in `{results_dir}/`
+(every study re-renders it). Machine: {m.get("cpu", "?")}, {m.get("cpu_count", "?")} CPU cores,
+{m.get("platform", "?")}; Python {m.get("python", "?")}, numpy {m.get("numpy", "?")},
+onnxruntime {m.get("onnxruntime", "?")}, torch {m.get("torch", "?")}; GPU: {m.get("gpu", "?")}.
+**The CPU is shared with other engineers' test runs**: every study records the load average at
+its start and end, and every latency is the median of repeats interleaved across the things
+compared, but absolute timings move by tens of percent between runs.
+
+Each study is one command; `--quick` runs a couple of minutes and writes to
+`runs/bench-quick/` instead (never into this report). Install with
+`.venv/bin/pip install -e '.[all,bench]'`.
+
+{commands}"""
+
+
+def _gpu() -> str:
+    return """## 5. GPU
+
+Not run: no GPU was lent to this session (the device tool's status reported
+`can_start_another=false`). No CUDA, fp16 or TensorRT figure appears anywhere in this report."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="render runs/bench-quick/")
+    args = parser.parse_args()
+    where = place(args.quick)
+    render(where)
+    print(f"wrote {where.report}")
+
+
+if __name__ == "__main__":
+    main()
