@@ -373,6 +373,51 @@ Measured {d["measured"]}; base {d["base_bytes"] / 1e6:.1f} MB. Commands and note
 """
 
 
+def soak_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/soak.py: memory over a long run, answers per kind of request, overload."""
+    m, o, s = d["memory"], d["overload"], d["settings"]
+    kinds = [
+        [
+            k["kind"],
+            k["expect"],
+            ", ".join(f"{status}: {n}" for status, n in k["statuses"].items()),
+            k.get("p50_ms", "—"),
+            k.get("p99_ms", "—"),
+        ]
+        for k in d["kinds"]
+    ]
+    met = "met" if m.get("growth_pct", 1e9) < m.get("goal_pct", 0) else "**not met**"
+    served, refused = o["served"], o["refused_503"]
+    surprises = "".join(f"\n- `{k}`: {v}" for k, v in d["unexpected_examples"].items())
+    return f"""## Soak and overload (`soak`)
+
+{run_facts(d)}
+
+{s["minutes"]:g} min of mixed traffic from {s["clients"]} closed-loop clients
+({d["requests"]:,} requests, {d["requests_per_s"]} per second), then {o["clients"]} clients
+sending back to back for {o["seconds"]:.0f} s against `UNETPP_MAX_QUEUE={s["max_queue"]}`, then
+idle; the server process's resident memory (VmRSS) every {s["sample_s"]:g} s.
+
+**Memory.** Baseline {m.get("baseline_mb")} MB (median of the first {m.get("window_s", 60):g} s
+after a {s["warmup_min"]:g}-minute warm-up), {m.get("end_of_soak_mb")} MB at the end of the soak:
+**{m.get("growth_pct", 0):+.2f}%** (goal < {m.get("goal_pct")}%: {met}; linear trend
+{m.get("slope_mb_per_min", 0):+.3f} MB/min). Peak under overload {m.get("overload_peak_mb")} MB;
+after the idle phase {m.get("idle_end_mb")} MB ({m.get("idle_vs_baseline_pct", 0):+.2f}% of the
+baseline).
+
+**Answers.** {d["unexpected"]} of {d["requests"]:,} differed from the expected status; the server
+was {"ready" if d["alive_after"] else "**not ready**"} afterwards.{surprises}
+
+{md_table(["request", "expected", "statuses", "p50 ms", "p99 ms"], kinds, "lrlrr")}
+
+**Overload.** Statuses {o["statuses"]}: {served["requests"]} served ({served.get("requests_per_s")}
+per second, p50 {served.get("p50_ms", "—")} ms, p99 {served.get("p99_ms", "—")} ms),
+{refused["requests"]} refused with 503 (p50 {refused.get("p50_ms", "—")} ms, p99
+{refused.get("p99_ms", "—")} ms; Retry-After {o["retry_after_s"]} s), {o["unexpected"]} other.
+
+{plot(d, "rss", "Resident memory of the server process through the soak, overload and idle phases")}"""
+
+
 # file stem -> its section's renderer; the order is the report's
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
@@ -381,6 +426,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "server": server_section,
     "gpu": None,  # no results file yet: the section says why
     "docker_images": docker_section,
+    "soak": soak_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {

@@ -96,10 +96,10 @@ def test_report_lists_every_results_file_and_says_there_was_no_gpu(tmp_path):
             }
         )
     )
-    (where.results / "soak.json").write_text(json.dumps({"anything": 1}))
+    (where.results / "future_study.json").write_text(json.dumps({"anything": 1}))
     text = render(where)
     assert where.report.read_text() == text
     assert "### `results/training_hela_x.json`" in text
     assert "| HeLa test | `runs/x/best.pt` (crop 128) | 7 | 0.9000 / 0.9500 |" in text
-    assert "- [`results/soak.json`](results/soak.json)" in text  # no section yet: still listed
+    assert "- [`results/future_study.json`](results/future_study.json)" in text  # no section
     assert "## 5. GPU" in text and "can_start_another=false" in text
