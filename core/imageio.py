@@ -8,7 +8,8 @@ as viewers show it.
 
 Bytes may be hostile: any failure of the parsers is an ImageDecodeError (never another
 exception), the size limits are checked from the header before the pixels are decoded, and
-Pillow's own decompression-bomb error (above 2 x Image.MAX_IMAGE_PIXELS) is an ImageTooLarge.
+Pillow's own decompression-bomb error (above 2 x Image.MAX_IMAGE_PIXELS) is an ImageTooLarge;
+a JPEG of more than MAX_JPEG_SCANS scans (a "scan bomb": minutes of decoding) is refused.
 Float images with NaN or infinite pixels are refused: they have no percentile normalisation.
 """
 
@@ -24,6 +25,7 @@ from unetpp.core.errors import ImageDecodeError, ImageTooLarge, UnsupportedImage
 
 FORMATS = ("PNG", "JPEG", "TIFF")
 DEFAULT_MAX_PIXELS = 8192 * 8192
+MAX_JPEG_SCANS = 100  # encoders write at most a few dozen (progressive: about 10)
 # what Pillow's parsers raise on malformed bytes (UnidentifiedImageError is an OSError)
 CORRUPT = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
 
@@ -42,10 +44,10 @@ def decode_image(
     """
     name = str(source) if isinstance(source, str | Path) else "image"
     try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror})") from exc
-    with fp:
+    with io.BytesIO(data) as fp:
         try:
             img = Image.open(fp)
         except UnidentifiedImageError as exc:
@@ -62,6 +64,12 @@ def decode_image(
         if width * height > max_pixels or (max_side is not None and max(width, height) > max_side):
             limit = f"{max_pixels} pixels" + (f", {max_side} per side" if max_side else "")
             raise ImageTooLarge(f"{name}: {width}x{height} is above the limit ({limit})")
+        # a progressive JPEG decodes every pixel again for each scan, and a scan that skips all
+        # blocks costs a few bytes: refuse many (the marker cannot occur inside scan data)
+        if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise ImageDecodeError(
+                f"{name}: a JPEG of {scans} scans (the limit is {MAX_JPEG_SCANS})"
+            )
         try:
             return _to_array(ImageOps.exif_transpose(img), name)
         except CORRUPT as exc:

@@ -105,6 +105,49 @@ def jpeg_with_size(jpeg: bytes, width: int, height: int) -> bytes:
     return jpeg[:at] + struct.pack(">HH", height, width) + jpeg[at + 4 :]
 
 
+def jpeg_scan_bomb(width: int, height: int, scans: int) -> bytes:
+    """A valid progressive grey JPEG: one DC scan, then `scans` AC scans that each skip every
+    block with a few end-of-band runs (32767 blocks per 15 bits), so each costs ~30 bytes to send
+    and a pass over every block to decode. Huffman tables of one symbol each: DC category 0 and
+    EOB14 (0xE0), both coded "0"."""
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    def entropy(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)
+        out = bytearray()
+        for k in range(0, len(bits), 8):
+            out.append(int(bits[k : k + 8], 2))
+            if out[-1] == 0xFF:
+                out.append(0)  # byte stuffing
+        return bytes(out)
+
+    blocks = -(-width // 8) * -(-height // 8)
+    one_symbol = bytes([1] + [0] * 15)
+    header = b"".join(
+        [
+            b"\xff\xd8",
+            segment(0xDB, bytes([0]) + bytes([1] * 64)),  # quantisation table 0
+            segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + bytes([1, 0x11, 0])),
+            segment(
+                0xC4,
+                bytes([0x00])
+                + one_symbol
+                + bytes([0x00])  # DC table 0
+                + bytes([0x11])
+                + one_symbol
+                + bytes([0xE0]),
+            ),  # AC table 1
+            segment(0xDA, bytes([1, 1, 0x01, 0, 0, 0])) + entropy("0" * blocks),  # DC scan
+        ]
+    )
+    ac_scan = segment(0xDA, bytes([1, 1, 0x01, 1, 63, 0])) + entropy(
+        ("0" + "1" * 14) * -(-blocks // 32767)
+    )
+    return header + ac_scan * scans + b"\xff\xd9"
+
+
 def oriented(fmt: str, orientation: int, array: np.ndarray) -> bytes:
     img = Image.fromarray(array)
     exif = img.getexif()
@@ -149,6 +192,8 @@ CORPUS: dict[str, tuple[bytes, int, str | tuple[int, ...]]] = {
     "tiff claiming 1x20000": (tiff_header(1, 20000), 413, "image_too_large"),
     "tiff claiming 3000x3000, 16 bytes": (tiff_header(3000, 3000), 400, "undecodable_image"),
     "png zTXt bomb": (with_png_chunk(PNG, b"zTXt", b"k\0\0" + BOMB), 400, "undecodable_image"),
+    # 60 kB that would take a second to decode here; 64 MB of them, an hour
+    "jpeg scan bomb (2000 scans)": (jpeg_scan_bomb(4000, 4000, 2000), 400, "undecodable_image"),
     "png iCCP bomb": (with_png_chunk(PNG, b"iCCP", b"p\0\0" + BOMB), 400, "undecodable_image"),
     # legitimately decodable: a mask of the displayed image's size
     "png with 5 MB of text": (
@@ -179,6 +224,7 @@ CORPUS: dict[str, tuple[bytes, int, str | tuple[int, ...]]] = {
     "cmyk jpeg": (save(Image.fromarray(RGB).convert("CMYK"), "JPEG"), 200, (20, 30)),
     "cmyk tiff": (save(Image.fromarray(RGB).convert("CMYK"), "TIFF"), 200, (20, 30)),
     "progressive jpeg": (save(Image.fromarray(RGB), "JPEG", progressive=True), 200, (20, 30)),
+    "progressive jpeg of 40 scans": (jpeg_scan_bomb(300, 200, 40), 200, (200, 300)),
     "float tiff": (
         save(Image.fromarray(np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)), "TIFF"),
         200,
