@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,14 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
+    before_decoding: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Decode to HxW (grey) or HxWxC (C = 2, 3 or 4) with dtype uint8, uint16 or float32.
 
     Raises ImageDecodeError for bytes that are not a readable image, UnsupportedImage for a
     format outside FORMATS, ImageTooLarge above `max_pixels` or `max_side` (checked from the
-    header, before the pixels are decoded).
+    header, before the pixels are decoded). `before_decoding(width, height)` is called once the
+    header has passed those checks, before the pixels are decoded (it may raise to refuse).
     """
     name = str(source) if isinstance(source, str | Path) else "image"
     try:
@@ -70,6 +73,8 @@ def decode_image(
             raise ImageDecodeError(
                 f"{name}: a JPEG of {scans} scans (the limit is {MAX_JPEG_SCANS})"
             )
+        if before_decoding is not None:
+            before_decoding(width, height)
         try:
             return _to_array(ImageOps.exif_transpose(img), name)
         except CORRUPT as exc:

@@ -72,6 +72,8 @@ class Admission:
         self.timeout_ms = timeout_ms
         self.deadline = time.monotonic() + timeout_ms / 1000.0
         self._preparing = True
+        self.pixels = 0  # reserved from the service's pixel budget (see Service.reserve)
+        self.ended = False  # a decoding thread may outlive its request (deadline)
         batcher.preparing += 1
 
     def shorten(self, deadline_ms: float | None) -> None:
@@ -108,6 +110,8 @@ class Service:
             on_batch=self._observe,
         )
         self.in_flight = 0
+        self.pixels_in_flight = 0  # of admitted requests' images; decoding threads add to it
+        self._pixels_lock = threading.Lock()
         self.requests: dict[str, int] = dict.fromkeys(model.runners, 0)
         self.missed: dict[str, int] = dict.fromkeys(model.runners, 0)
         self.leases = 0  # requests holding this service (see `lease`)
@@ -192,12 +196,38 @@ class Service:
         finally:
             admission.submitting()
             self.in_flight -= 1
+            with self._pixels_lock:
+                self.pixels_in_flight -= admission.pixels
+                admission.pixels, admission.ended = 0, True
 
-    def prepare(self, data: bytes) -> Prepared:
-        """Decode (within the limits), preprocess with the manifest's recipe, pad (blocking)."""
-        return self.preprocess(
-            decode_image(data, max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
+    def reserve(self, admission: Admission, pixels: int) -> None:
+        """Take `pixels` from the budget of `max_pixels_in_flight` for this admission, or
+        QueueFull: `max_queue` alone would let that many large images (a few kB each as PNG)
+        be decoded and held at once, gigabytes in all."""
+        with self._pixels_lock:
+            if admission.ended:  # nothing would release it: give up decoding instead
+                raise DeadlineExceeded("the request ended before its image was decoded")
+            total = self.pixels_in_flight + pixels
+            if self.pixels_in_flight and total > self.settings.max_pixels_in_flight:
+                retry = (self.batcher.queue_wait_ms() + self.settings.max_wait_ms) / 1000.0
+                raise QueueFull(
+                    f"{self.pixels_in_flight} pixels of images in flight, {pixels} more would "
+                    f"pass the limit of {self.settings.max_pixels_in_flight}",
+                    retry_after=retry,
+                )
+            self.pixels_in_flight = total
+            admission.pixels += pixels
+
+    def prepare(self, data: bytes, admission: Admission) -> Prepared:
+        """Decode (within the limits and the pixel budget), preprocess with the manifest's
+        recipe, pad (blocking)."""
+        image = decode_image(
+            data,
+            max_pixels=self.settings.max_pixels,
+            max_side=self.settings.max_side,
+            before_decoding=lambda width, height: self.reserve(admission, width * height),
         )
+        return self.preprocess(image)
 
     def preprocess(self, image: np.ndarray) -> Prepared:
         """A decoded HxW or HxWxC image -> the padded network input (blocking)."""
@@ -353,6 +383,8 @@ class Service:
             "queue": {
                 "in_flight": self.in_flight,
                 "max_queue": self.settings.max_queue,
+                "pixels_in_flight": self.pixels_in_flight,
+                "max_pixels_in_flight": self.settings.max_pixels_in_flight,
                 "queued_items": self.batcher.queued,
                 "predicted_wait_ms": round(self.batcher.queue_wait_ms(), 3),
             },

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 << 20, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_side: int = Field(16_384, ge=1)
+    max_pixels_in_flight: int = Field(
+        40_000_000,
+        ge=1,
+        description="pixels of the images admitted at once; a request that would pass it gets "
+        "503 (alone it is always taken: `max_pixels` bounds one image)",
+    )
 
     tile_above_pixels: int = Field(1 << 20, ge=1, description="images larger than this are tiled")
     tile_size: int = Field(512, ge=MULTIPLE)

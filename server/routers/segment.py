@@ -138,7 +138,7 @@ async def segment(
     manifest = service.model.manifest
     async with service.admit(params.deadline_ms) as admission:
         data = await read_image_bytes(request)
-        prepared = await asyncio.to_thread(service.prepare, data)
+        prepared = await asyncio.to_thread(service.prepare, data, admission)
         plan = service.plan(prepared)
         route = service.route(params.choice(), plan)
         admission.submitting()

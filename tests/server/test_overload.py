@@ -2,10 +2,12 @@
 requests are served, the rest are refused at once with 503 + Retry-After, deadlines are kept,
 the admission count never passes the limit and returns to zero, and the server serves normally
 afterwards. Bounds on times are deliberately generous (a shared 2-core machine); the figures
-themselves belong to benchmarks/soak.py."""
+themselves belong to benchmarks/soak.py. Large images are also bounded together: the pixels of
+the images admitted at once stay within `max_pixels_in_flight`."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -14,6 +16,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from unetpp.core.imageio import encode_png
+from unetpp.server.errors import DeadlineExceeded, QueueFull
+from unetpp.server.metrics import Metrics
+from unetpp.server.runtime import load_model
+from unetpp.server.service import Service
 
 from .conftest import settings, start, stop, synthetic
 
@@ -136,3 +142,36 @@ def test_overload_is_refused_quickly_and_admitted_requests_are_served(crowded):
         time.sleep(0.1)
     assert crowded.client.get("/healthz").status_code == 200
     assert crowded.segment(image, level=1).status_code == 200
+
+
+def test_the_pixel_budget_bounds_the_images_held_at_once(tiny_repository):
+    """Six 35 kB PNGs of 6000x6000 zeros, each within max_pixels, took a server from 0.4 to
+    2.8 GB at once; the budget refuses the ones that do not fit with 503, like a full queue."""
+    budget = 300 * 300
+    service = Service(
+        load_model(tiny_repository, "cpu", 1),
+        settings(tiny_repository, max_pixels_in_flight=budget),
+        Metrics(),
+    )
+    big, small = encode_png(synthetic(200, 300)), encode_png(synthetic(64, 64))
+
+    async def scenario() -> None:
+        async with service.admit() as first:
+            service.prepare(big, first)
+            async with service.admit() as second:
+                with pytest.raises(QueueFull, match="pixels"):
+                    service.prepare(big, second)  # 2 x 60,000 > 90,000
+                service.prepare(small, second)  # 60,000 + 4,096 fits
+                assert service.pixels_in_flight == 200 * 300 + 64 * 64
+            assert service.pixels_in_flight == 200 * 300
+        assert service.pixels_in_flight == 0
+        async with service.admit() as alone:  # alone, an image above the budget is taken
+            assert service.prepare(encode_png(synthetic(400, 400)), alone).size == (400, 400)
+        # a decoding thread that outlives its request (deadline) takes nothing from the budget
+        async with service.admit() as ended:
+            pass
+        with pytest.raises(DeadlineExceeded):
+            service.prepare(small, ended)
+        assert service.pixels_in_flight == 0
+
+    asyncio.run(scenario())
