@@ -13,6 +13,28 @@ from pathlib import Path
 import httpx
 import pytest
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Property-based tests (hypothesis, schemathesis) are bounded and reproducible: the same
+    examples on every run, no example database written, no wall-clock deadline per example (a
+    shared 2-core machine); each test sets its own max_examples."""
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "unetpp",
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+        ],
+    )
+    settings.load_profile("unetpp")
+
+
 # Blocks `import torch` (and anything under it) in a child interpreter.
 _NO_TORCH = textwrap.dedent(
     """

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from unetpp.core.errors import UNetPPError
@@ -17,14 +17,7 @@ from unetpp.core.preprocess import Preprocessing
 # Pillow warns about the corrupt files these tests are made of
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# Bounded and reproducible: the same examples on every run, no example database written.
-BOUNDED = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+BOUNDED = settings(max_examples=300)  # the rest: the "unetpp" profile (tests/conftest.py)
 DTYPES = {np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32)}
 
 

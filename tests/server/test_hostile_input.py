@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from unetpp.core.imageio import encode_png
@@ -23,13 +23,7 @@ from .conftest import synthetic
 # Pillow warns about the corrupt files these tests are made of
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-BOUNDED = settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+BOUNDED = settings(max_examples=40)  # the rest: the "unetpp" profile (tests/conftest.py)
 
 
 def assert_error(response, status: int, error: str | None = None) -> None:

@@ -7,19 +7,13 @@ short to meet; every error a JSON {"error", "detail"}."""
 from __future__ import annotations
 
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-BUDGET = settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+BUDGET = settings(max_examples=40)  # the rest: the "unetpp" profile (tests/conftest.py)
 # Replaced by `expected_errors` below: a 504 for a deadline the request itself set is correct.
 # Schema-valid is not always acceptable here: any bytes are a valid `binary` image, but only a
 # PNG, JPEG or TIFF decodes (400/415), and at most one routing rule may be given (422).

@@ -10,18 +10,12 @@ import json
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from .test_v2 import LENGTH, binary_request, model_name
 
-BOUNDED = settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+BOUNDED = settings(max_examples=60)  # the rest: the "unetpp" profile (tests/conftest.py)
 GOOD = {"name": "image", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
 
 
