@@ -194,6 +194,7 @@ async def infer(
             raise InvalidTensor(f"give one input named {INPUT!r}; got {[t.name for t in inputs]}")
         requested = _requested(header, params.binary_data_output)
         images = _images(inputs[0], settings.max_pixels, settings.max_side, settings.max_queue)
+        service.reserve(admission, sum(image.shape[0] * image.shape[1] for image in images))
         prepared = await asyncio.to_thread(lambda: [service.preprocess(i) for i in images])
         plan = service.plan(prepared[0])
         route = service.route(dataclasses.replace(params.choice(), graph=version), plan)
