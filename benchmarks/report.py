@@ -65,6 +65,7 @@ def paper_section(d: dict[str, Any], where: Place) -> str:
         rows.append(
             [
                 r["name"],
+                ", ".join(map(str, r["seeds"])),
                 f"{size['parameters']:,}" if size else "—",
                 f"**{100 * r['iou_mean']:.2f}**{spread}",
                 f"{100 * r['dice_mean']:.2f}",
@@ -102,10 +103,10 @@ test (700x1100, 16-bit). Every network: `unetpp train --epochs {d["epochs"]}` ({
 steps of 8 random 96x96 crops, Adam 3e-4 with cosine annealing, BCE/2 + Dice), seed(s)
 {", ".join(map(str, seeds))}; the checkpoint kept is the epoch with the best validation IoU of
 the deepest head. IoU and Dice (%) on the three test frames, micro-averaged over whole frames,
-threshold 0.5, PyTorch; mean{" ± standard deviation" if len(seeds) > 1 else ""} over
-{len(seeds)} seed(s). Parameters with BN folded (as the paper counts). Latency: {d["latency_method"]}.
+threshold 0.5, PyTorch; with several seeds (the "seeds" column), their mean ± standard
+deviation. Parameters with BN folded (as the paper counts). Latency: {d["latency_method"]}.
 
-{md_table(["network", "parameters", "IoU test", "Dice test", "IoU, seed's table", "IoU, 2018 paper", "ms@256 served"], rows)}
+{md_table(["network", "seeds", "parameters", "IoU test", "Dice test", "IoU, seed's table", "IoU, 2018 paper", "ms@256 served"], rows)}
 
 The paper's UNet++ w/ DS figure is set beside our ensemble (the average of the four heads, the
 paper's accurate mode). Not served: `unetpp export` offers the ensemble (as a second output of
