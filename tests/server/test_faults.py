@@ -199,7 +199,7 @@ def test_sigterm_while_loading_exits_without_waiting_for_calibration(tiny_reposi
     port = free_port()
     env = {
         **os.environ,
-        "UNETPP_CALIBRATION_REPEATS": "300",  # loading takes tens of seconds
+        "UNETPP_CALIBRATION_REPEATS": "1000",  # loading takes a minute or more
         "UNETPP_TILE_SIZE": "128",
         "UNETPP_TILE_OVERLAP": "32",
         "UNETPP_DRAIN_DELAY_S": "0.5",
