@@ -81,7 +81,15 @@ def paper_section(d: dict[str, Any], where: Place) -> str:
         if key != "frames"
     ]
     runs = md_table(
-        ["network", "seed", "steps", "best step", "train min", "val IoU (deepest)"],
+        [
+            "network",
+            "seed",
+            "steps",
+            "best step",
+            "train min",
+            "val IoU (deepest)",
+            "val IoU (ensemble)",
+        ],
         [
             [
                 r["network"],
@@ -90,6 +98,7 @@ def paper_section(d: dict[str, Any], where: Place) -> str:
                 r["best_step"],
                 f"{r['train_wall_s'] / 60:.1f}",
                 f"{100 * r['val']['L4']['iou']:.2f}",
+                pct(r["val"].get("ensemble", {}).get("iou"), 2),
             ]
             for r in d["runs"]
         ],
@@ -256,6 +265,7 @@ def server_section(d: dict[str, Any], where: Place) -> str:
             f"{r['overhead_ms']:+.1f}",
             f"{r['ratio']:.2f}",
             f"{r['server_inference_ms']:.1f}",
+            f"{r['server_ms'] - r['server_inference_ms']:.1f}",
         ]
         for r in d["overhead"]
     ]
@@ -296,9 +306,12 @@ Repository `{d["repository"]}`; server: {d["server"]}; image: {d["image"]}; all 
 Overhead at concurrency 1 (medians of {b["repeats"]} interleaved pairs): end to end is
 PNG in, PNG mask out over HTTP (decode, normalisation, routing, queue, inference, threshold,
 PNG encoding); onnxruntime alone is `session.run` on the same preprocessed input in the
-benchmark process; the server's own inference is its X-UNetPP-Inference-Ms.
+benchmark process; the server's own inference is its X-UNetPP-Inference-Ms. "onnxruntime
+alone" runs in another process than the server's sessions and swings with the shared CPU's load
+(several-fold between rounds); the last column, end to end minus the server's own inference
+time for the same requests, is the steadier measure of what the HTTP service adds.
 
-{md_table(["request", "graph", "onnxruntime alone (ms)", "server end to end (ms)", "overhead (ms)", "ratio", "server's inference (ms)"], over, "llrrrrr")}
+{md_table(["request", "graph", "onnxruntime alone (ms)", "server end to end (ms)", "overhead (ms)", "ratio", "server's inference (ms)", "end to end − server's inference (ms)"], over, "llrrrrrr")}
 
 Closed-loop load (benchmarks/loadgen.py: asyncio + httpx, each cell at most {b["requests"]}
 requests or {b["seconds"]:.0f} s): latency percentiles in ms, throughput in requests/s.
