@@ -7,7 +7,8 @@ achieved GFLOP/s against this machine's measured matrix-multiply peak.
     .venv/bin/python -m benchmarks.levels --quick         # 256 only, 2 repeats
 
 For each (size, batch): every graph of the repository (onnxruntime, default threads, no memory
-arena, so that nine sessions fit in memory) and
+arena, so that nine sessions fit in memory; the deepest graphs also with the arena, the server's
+default, in sessions held for one size and batch only) and
 `model(x)` of the checkpoint's full network in PyTorch eager (eval, no_grad, default threads:
 what a user runs by hand) are timed interleaved, with a 50 ms pause before each run so that one
 runtime's spinning threads do not slow the other; median of the repeats. GFLOPs count a
@@ -88,7 +89,8 @@ def measure(
     # no memory arena: each would keep the memory of its largest run (batch 8 of 512x512)
     sessions = {g.name: create_session(repo / g.file, memory_arena=False) for g in graphs}
     model = load_checkpoint(checkpoint).build().eval()
-    deepest = max(g.gflops for g in graphs if g.precision == "fp32")
+    full = max(g.gflops for g in graphs if g.precision == "fp32")
+    deepest = [g for g in graphs if g.level == max(h.level for h in graphs)]
     rows = []
     for size in sizes:
         for batch in batches:
@@ -102,12 +104,19 @@ def measure(
                     model(xt)
 
             steps = {g.name: (lambda s=sessions[g.name], x=x: run_batch(s, x)) for g in graphs}
+            # the server's default, for the deepest graphs: fresh sessions with the arena,
+            # dropped after this size and batch so that only one set of arenas is held
+            arenas = {f"{g.name} (arena on)": create_session(repo / g.file) for g in deepest}
+            steps |= {k: (lambda s=s, x=x: run_batch(s, x)) for k, s in arenas.items()}
             steps[EAGER] = eager
             n = repeats if batch == 1 else max(2, math.ceil(repeats / 2))
             times = interleaved_ms(steps, n, warmup=1, settle_s=SETTLE_S)
             scale = (size / manifest.reference_size) ** 2
-            flops = {g.name: g.gflops for g in graphs} | {EAGER: deepest}
+            flops = {g.name: g.gflops for g in graphs} | {EAGER: full}
             precision = {g.name: g.precision for g in graphs} | {EAGER: "fp32"}
+            for g in deepest:
+                flops[f"{g.name} (arena on)"] = g.gflops
+                precision[f"{g.name} (arena on)"] = g.precision
             for name, t in times.items():
                 ms = float(np.median(t))
                 rows.append(
@@ -123,6 +132,7 @@ def measure(
                         "gflops_per_s": round(flops[name] * scale * batch / (ms / 1000.0), 1),
                     }
                 )
+            del arenas
             print(f"{size}x{size} batch {batch}: done", flush=True)
     return rows
 
@@ -179,7 +189,8 @@ def main() -> None:
         repository=shown(repo),
         method=f"median of {args.repeats} runs at batch 1, {max(2, math.ceil(args.repeats / 2))} "
         f"at batch 8, after 1 warm-up; onnxruntime with default threads and the memory arena "
-        "off (the server's default keeps it on; see the server study's memory table); "
+        "off (the server's default keeps it on: the '(arena on)' rows, and the server study's "
+        "memory table); "
         "all graphs and PyTorch interleaved, "
         f"{int(SETTLE_S * 1000)} ms pause before each run; random input",
         peak=peak,

@@ -491,11 +491,11 @@ def render(where: Place) -> str:
 def _header(results: dict[str, dict[str, Any]], where: Place) -> str:
     machines = [r["machine"] for r in results.values() if isinstance(r.get("machine"), dict)]
     m = next((m for m in machines if "cpu" in m), {})
-    studies = [
-        (stem, r)
-        for stem, r in results.items()
-        if "command" in r and "wall_s" in r and "study" in r
-    ]
+    order = list(SECTIONS)
+    studies = sorted(
+        ((stem, r) for stem, r in results.items() if "study" in r and "wall_s" in r),
+        key=lambda item: order.index(item[0]) if item[0] in order else len(order),
+    )
     commands = md_table(
         ["study", "command", "wall time of this run", "run (UTC)"],
         [
@@ -521,8 +521,9 @@ onnxruntime {m.get("onnxruntime", "?")}, torch {m.get("torch", "?")}; GPU: {m.ge
 its start and end, and every latency is the median of repeats interleaved across the things
 compared, but absolute timings move by tens of percent between runs.
 
-Each study is one command; `--quick` runs a couple of minutes and writes to
-`runs/bench-quick/` instead (never into this report). Install with
+Each study is one command; `--quick` makes it a smoke run (a few steps, few repeats) that
+writes to `runs/bench-quick/` instead, never into this report. Measured here with the CPU
+crowded (load 6-9): paper 20 min (mostly the int8 export), pruning 3, levels 1.5, server 8. Install with
 `.venv/bin/pip install -e '.[all,bench]'`.
 
 {commands}"""
