@@ -8,7 +8,7 @@ achieved GFLOP/s against this machine's measured matrix-multiply peak.
 
 For each (size, batch): every graph of the repository (onnxruntime, default threads, no memory
 arena, so that nine sessions fit in memory; the deepest graphs also with the arena, the server's
-default, in sessions held for one size and batch only) and
+default, in sessions held for one size and batch only, up to batch 8 of 256x256) and
 `model(x)` of the checkpoint's full network in PyTorch eager (eval, no_grad, default threads:
 what a user runs by hand) are timed interleaved, with a 50 ms pause before each run so that one
 runtime's spinning threads do not slow the other; median of the repeats. GFLOPs count a
@@ -38,6 +38,7 @@ from benchmarks.common import (
 )
 
 SETTLE_S = 0.05
+ARENA_PIXELS = 600_000  # images x pixels up to which the arena rows are measured
 EAGER = "PyTorch eager (full network)"
 
 
@@ -105,8 +106,12 @@ def measure(
 
             steps = {g.name: (lambda s=sessions[g.name], x=x: run_batch(s, x)) for g in graphs}
             # the server's default, for the deepest graphs: fresh sessions with the arena,
-            # dropped after this size and batch so that only one set of arenas is held
-            arenas = {f"{g.name} (arena on)": create_session(repo / g.file) for g in deepest}
+            # dropped after this size and batch; not above ARENA_PIXELS (at 512x512x8 the two
+            # arenas and the rest took 18 GB, and the kernel killed the process)
+            arenas = {
+                f"{g.name} (arena on)": create_session(repo / g.file)
+                for g in (deepest if batch * size * size <= ARENA_PIXELS else [])
+            }
             steps |= {k: (lambda s=s, x=x: run_batch(s, x)) for k, s in arenas.items()}
             steps[EAGER] = eager
             n = repeats if batch == 1 else max(2, math.ceil(repeats / 2))
@@ -114,7 +119,7 @@ def measure(
             scale = (size / manifest.reference_size) ** 2
             flops = {g.name: g.gflops for g in graphs} | {EAGER: full}
             precision = {g.name: g.precision for g in graphs} | {EAGER: "fp32"}
-            for g in deepest:
+            for g in deepest:  # (arena on) rows, where measured
                 flops[f"{g.name} (arena on)"] = g.gflops
                 precision[f"{g.name} (arena on)"] = g.precision
             for name, t in times.items():
@@ -146,8 +151,8 @@ def chart(path: Path, rows: list[dict[str, Any]], peak: float) -> None:
         by = {r["graph"]: r for r in rows if (r["size"], r["batch"]) == (size, batch)}
         xs = np.arange(len(names)) + (k - (len(configs) - 1) / 2) * width
         label = f"{size}x{size}, batch {batch}"
-        left.bar(xs, [by[n]["ms_per_image"] for n in names], width, label=label)
-        right.bar(xs, [by[n]["gflops_per_s"] for n in names], width, label=label)
+        left.bar(xs, [by[n]["ms_per_image"] if n in by else 0 for n in names], width, label=label)
+        right.bar(xs, [by[n]["gflops_per_s"] if n in by else 0 for n in names], width, label=label)
     for ax in (left, right):
         ax.set_xticks(np.arange(len(names)))
         ax.set_xticklabels(
@@ -189,8 +194,8 @@ def main() -> None:
         repository=shown(repo),
         method=f"median of {args.repeats} runs at batch 1, {max(2, math.ceil(args.repeats / 2))} "
         f"at batch 8, after 1 warm-up; onnxruntime with default threads and the memory arena "
-        "off (the server's default keeps it on: the '(arena on)' rows, and the server study's "
-        "memory table); "
+        "off (the server's default keeps it on: the '(arena on)' rows, up to 8 x 256x256, and "
+        "the server study's memory table); "
         "all graphs and PyTorch interleaved, "
         f"{int(SETTLE_S * 1000)} ms pause before each run; random input",
         peak=peak,

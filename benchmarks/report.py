@@ -195,40 +195,27 @@ def levels_section(d: dict[str, Any], where: Place) -> str:
     names = list(dict.fromkeys(r["graph"] for r in d["rows"]))
     cell = {(r["graph"], r["size"], r["batch"]): r for r in d["rows"]}
     heads = [f"{s}², batch {b}" for s, b in configs]
-    speed = [
-        [
-            n,
-            *(
-                f"{cell[n, s, b]['ms_per_image']:.1f} ({cell[n, s, b]['images_per_s']:.1f}/s)"
-                for s, b in configs
-            ),
-        ]
-        for n in names
-    ]
-    flops = [
-        [
-            n,
-            *(
-                f"{cell[n, s, b]['gflops_per_s']:.0f} ({100 * cell[n, s, b]['gflops_per_s'] / d['peak_gflops_per_s']:.0f}%)"
-                for s, b in configs
-            ),
-        ]
-        for n in names
-    ]
     eager = "PyTorch eager (full network)"
-    vs = []
-    for n in names:
-        if n == eager:
-            continue
-        vs.append(
+    peak_rate = d["peak_gflops_per_s"]
+
+    def table(show: Callable[[dict[str, Any], dict[str, Any]], str], skip: str = "") -> list:
+        return [
             [
                 n,
                 *(
-                    f"{cell[eager, s, b]['ms']['median'] / cell[n, s, b]['ms']['median']:.2f}x"
+                    show(cell[n, s, b], cell[eager, s, b]) if (n, s, b) in cell else "—"
                     for s, b in configs
                 ),
             ]
-        )
+            for n in names
+            if n != skip
+        ]
+
+    speed = table(lambda r, _: f"{r['ms_per_image']:.1f} ({r['images_per_s']:.1f}/s)")
+    flops = table(
+        lambda r, _: f"{r['gflops_per_s']:.0f} ({100 * r['gflops_per_s'] / peak_rate:.0f}%)"
+    )
+    vs = table(lambda r, e: f"{e['ms']['median'] / r['ms']['median']:.2f}x", skip=eager)
     return f"""## 3. Levels: latency, throughput and achieved GFLOP/s (`levels`)
 
 {run_facts(d)}
