@@ -39,14 +39,22 @@ _bearer = HTTPBearer(auto_error=False, description="UNETPP_API_KEY")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
+def authorized(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """True without an `api_key`, else when the bearer token is it (a constant-time compare)."""
+    if settings.api_key is None:
+        return True
+    expected = settings.api_key.get_secret_value().encode()
+    return credentials is not None and hmac.compare_digest(
+        credentials.credentials.encode(), expected
+    )
+
+
 def require_token(settings: SettingsDep, credentials: BearerDep) -> None:
     """The request must carry `Authorization: Bearer <api_key>` (app.py adds this dependency
     to the protected routers when the server has an `api_key`)."""
-    assert settings.api_key is not None
     if credentials is None:
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
-    expected = settings.api_key.get_secret_value().encode()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+    if not authorized(settings, credentials):
         raise Unauthorized("the bearer token is not this server's API key")
 
 

@@ -1,12 +1,13 @@
 """Liveness and readiness, separately: alive while the process serves HTTP; ready once the model
-repository is verified, its sessions are open and calibrated."""
+repository is verified, its sessions are open and calibrated. Both are public; with an API key
+set, why loading failed (which names files) is told only to a caller that sends the key."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
-from unetpp.server.deps import ServiceDep, StateDep
+from unetpp.server.deps import BearerDep, SettingsDep, StateDep, authorized
 from unetpp.server.errors import NotReady
 
 router = APIRouter(tags=["health"])
@@ -22,9 +23,12 @@ async def healthz(state: StateDep) -> dict[str, str]:
     summary="Readiness: the model is loaded, verified and calibrated",
     responses={503: {"description": "loading, failed (the detail says why), or shutting down"}},
 )
-async def readyz(state: StateDep, service: ServiceDep) -> dict[str, Any]:
+async def readyz(state: StateDep, settings: SettingsDep, credentials: BearerDep) -> dict[str, Any]:
     if state.draining:
         raise NotReady("the server is shutting down")
+    if state.error and not authorized(settings, credentials):
+        raise NotReady("the model repository failed to load: the reason is in the server log")
+    service = state.current()
     return {
         "status": "ready",
         "device": service.model.device,

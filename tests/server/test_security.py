@@ -18,6 +18,7 @@ from unetpp.core.manifest import read_manifest
 
 from .conftest import settings, start, stop
 from .test_hostile_input import first_response
+from .test_http import failed_readiness
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,6 +137,20 @@ def test_every_route_but_health_needs_the_key(keyed, tiny_repository):
     for method, path in routes(keyed):
         if path in PUBLIC and "{" not in path:
             assert keyed.client.request(method, path).status_code == 200, path
+
+
+def test_why_loading_failed_is_told_only_to_a_caller_with_the_key(tmp_path):
+    missing = tmp_path / "private-model-store"
+    server = start(settings(missing, api_key=SECRET), ready=False)
+    try:
+        anonymous = failed_readiness(server)["detail"]
+        assert "private-model-store" not in anonymous and "server log" in anonymous
+        keyed = server.client.get("/readyz", headers={"Authorization": f"Bearer {SECRET}"})
+        assert keyed.status_code == 503 and "private-model-store" in keyed.json()["detail"]
+        wrong = server.client.get("/readyz", headers={"Authorization": "Bearer nope"})
+        assert wrong.json()["detail"] == anonymous
+    finally:
+        stop(server)
 
 
 def test_the_key_is_never_logged_or_shown(keyed, image_png, caplog):
