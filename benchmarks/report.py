@@ -325,21 +325,23 @@ def training_section(d: dict[str, Any], where: Place) -> str:
             for k in ("L1", "L2", "L3", "L4", "ensemble")
         ]
 
+    def trained(r: dict[str, Any]) -> list[Any]:
+        return [f"`{r['command']}`", r["steps"], f"{r['wall_s'] / 60:.1f}"]
+
     if "hela" in d:  # a full run: HeLa training and the synthetic <-> HeLa transfer
         h, s = d["hela"], d["synthetic"]
         rows = [
-            ["HeLa test", h["command"], h["steps"], *cells(h["test"])],
-            ["synthetic test", "(the same HeLa model)", "", *cells(h["synthetic_test"])],
-            ["synthetic test", s["command"], s["steps"], *cells(s["test"])],
-            ["HeLa test", "(the same synthetic model)", "", *cells(s["hela_test"])],
+            ["HeLa test", *trained(h), *cells(h["test"])],
+            ["synthetic test", "(the same HeLa model)", "", "", *cells(h["synthetic_test"])],
+            ["synthetic test", *trained(s), *cells(s["test"])],
+            ["HeLa test", "(the same synthetic model)", "", "", *cells(s["hela_test"])],
         ]
         load = (d["machine"]["load_average_at_start"], d["machine"]["load_average_at_end"])
-    else:  # --score: one further checkpoint
-        args = d.get("train_args", {})
-        how = ", ".join(
-            f"{k} {args[k]}" for k in ("crop", "augment", "time_budget", "epochs") if args.get(k)
-        )
-        rows = [["HeLa test", f"`{d['checkpoint']}` ({how})", d["best_step"], *cells(d["test"])]]
+    else:  # --score: one further checkpoint, trained by hand
+        rows = [
+            ["HeLa test", *trained(d), *cells(d["test"])],
+            ["synthetic test", "(the same HeLa model)", "", "", *cells(d["synthetic_test"])],
+        ]
         load = None
     extra = f" Load average {load[0]} at the start, {load[1]} at the end." if load else ""
     return (
@@ -347,9 +349,9 @@ def training_section(d: dict[str, Any], where: Place) -> str:
         + extra
         + "\n\n"
         + md_table(
-            ["tested on", "trained by", "steps", "L1", "L2", "L3", "L4", "ensemble"],
+            ["tested on", "trained by", "steps", "train min", "L1", "L2", "L3", "L4", "ensemble"],
             rows,
-            "lllrrrrr",
+            "lllrrrrrr",
         )
     )
 

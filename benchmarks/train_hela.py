@@ -3,7 +3,8 @@ held-out frames 17-19, and measure transfer between domains (synthetic <-> HeLa)
 
     .venv/bin/python -m benchmarks.train_hela --budget 30 --synthetic-budget 8
 
-1. `unetpp train --data hela --out runs/hela --time-budget BUDGET` (the command a user runs);
+1. `unetpp train --data hela --out runs/hela --time-budget BUDGET [--crop N] [--augment A]` (the
+   command a user runs);
 2. its best.pt scored with PyTorch on hela test (frames 17-19) and on synthetic test;
 3. `unetpp train --data synthetic --out runs/synthetic --time-budget SYNTHETIC_BUDGET`, scored on
    synthetic test and on hela test (a microscope it never saw).
@@ -13,33 +14,36 @@ result depends on how busy the CPU was.
 
     .venv/bin/python -m benchmarks.train_hela --score runs/hela_continued/best.pt --name NAME
 
-only scores one more HeLa checkpoint (e.g. of a run continued with --resume) on the test frames
-and writes benchmarks/results/NAME.json with its metrics.jsonl history.
+only scores one more HeLa checkpoint (e.g. of a run continued with --resume) on the HeLa and the
+synthetic test sets and writes benchmarks/results/NAME.json with the command that trained it
+(from the checkpoint's own settings) and its metrics.jsonl history.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
 from unetpp.core.datasets import load_split
 from unetpp.model.checkpoint import load_checkpoint
-from unetpp.model.train import evaluate, format_table
+from unetpp.model.train import TrainConfig, evaluate, format_table
 
 from benchmarks.common import ROOT, machine, place, save, unetpp
 
 
-def run_training(source: str, out: Path, budget: float) -> dict:
-    cmd = ["unetpp", "train", "--data", source, "--out", str(out), "--time-budget", str(budget)]
+def run_training(config: TrainConfig) -> dict:
+    command = config.command_line()
     start = time.monotonic()
-    unetpp(*cmd[1:], capture=False)
+    unetpp(*shlex.split(command)[1:], capture=False)
     wall = time.monotonic() - start
+    out = Path(config.out)
     records = history(out)
     best = load_checkpoint(out / "best.pt")
     return {
-        "command": " ".join(cmd),
+        "command": command,
         "wall_s": round(wall, 1),
         "steps": records[-1]["step"],
         "epochs_validated": len(records),
@@ -75,29 +79,47 @@ def main() -> None:
     parser.add_argument(
         "--synthetic-budget", type=float, default=8.0, help="synthetic training minutes"
     )
+    parser.add_argument("--crop", type=int, default=96, help="HeLa training crop side")
+    parser.add_argument("--augment", default="full", help="HeLa training augmentation")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--score", type=Path, help="only score this HeLa checkpoint")
     parser.add_argument("--name", default="training_hela", help="results file name, without suffix")
     args = parser.parse_args()
     if args.score:
         ckpt = load_checkpoint(args.score)
+        records = history(args.score.parent)
         scored = {
             "checkpoint": str(args.score),
+            "command": TrainConfig.from_dict(ckpt.train_args).command_line(),
             "train_args": ckpt.train_args,
+            "wall_s": records[-1]["elapsed_s"],
+            "steps": records[-1]["step"],
             "best_step": ckpt.training["step"],
-            "history": history(args.score.parent),
+            "history": records,
             "val": ckpt.metrics,
             "test": score(args.score, "hela"),
+            "synthetic_test": score(args.score, "synthetic"),
         }
         save(place(False), args.name, scored)
-        print(format_table(scored["test"]))
+        print("HeLa test\n" + format_table(scored["test"]))
+        print("synthetic test\n" + format_table(scored["synthetic_test"]))
         return
     result: dict = {"machine": machine()}
-    hela = run_training("hela", args.runs / "hela", args.budget)
+    hela = run_training(
+        TrainConfig(
+            "hela",
+            str(args.runs / "hela"),
+            time_budget=args.budget,
+            crop=args.crop,
+            augment=args.augment,
+        )
+    )
     hela["test"] = score(args.runs / "hela" / "best.pt", "hela")
     hela["synthetic_test"] = score(args.runs / "hela" / "best.pt", "synthetic")
     result["hela"] = hela
-    synthetic = run_training("synthetic", args.runs / "synthetic", args.synthetic_budget)
+    synthetic = run_training(
+        TrainConfig("synthetic", str(args.runs / "synthetic"), time_budget=args.synthetic_budget)
+    )
     synthetic["test"] = score(args.runs / "synthetic" / "best.pt", "synthetic")
     synthetic["hela_test"] = score(args.runs / "synthetic" / "best.pt", "hela")
     result["synthetic"] = synthetic

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -126,6 +127,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def command_line(self) -> str:
+        """The `unetpp train` command that makes this run: the settings that differ from the
+        defaults, as flags."""
+        words = ["unetpp", "train"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("data", "out") and value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(value, tuple):
+                words += [flag, ",".join(str(v) for v in value)]
+            else:
+                words += [flag, str(value)]
+        return shlex.join(words)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

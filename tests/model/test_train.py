@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,8 +14,9 @@ from unetpp.core.datasets import load_split
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing
 from unetpp.model.checkpoint import load_checkpoint
-from unetpp.model.train import TrainConfig, evaluate, train
+from unetpp.model.train import TrainConfig, config_from_args, evaluate, train
 
+from unetpp.cli import build_parser
 from unetpp.cli import main as cli_main
 
 TINY = (4, 8, 16, 32, 64)
@@ -214,3 +216,26 @@ def test_resume_into_a_new_folder_extends_a_finished_run(straight, tmp_path):
     assert (line["epoch"], line["step"], line["partial"]) == (2, 9, False)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best.training["step"] == 9 and best.metrics == line["val"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig("hela", "runs/x"),
+        TrainConfig("hela", "runs/x", time_budget=27.0, crop=128, augment="geometric"),
+        TrainConfig(
+            "a folder/with space",
+            "o",
+            arch="unetpp",
+            deep_supervision=False,
+            widths=(8, 16, 32, 64, 128),
+            head_weights=(1.0, 1.0, 1.0, 2.0),
+            lr=1e-3,
+            val_dir="v",
+        ),
+    ],
+)
+def test_command_line_makes_the_same_run(config):
+    words = shlex.split(config.command_line())
+    assert words[:2] == ["unetpp", "train"]
+    assert config_from_args(build_parser().parse_args(words[1:])) == config
