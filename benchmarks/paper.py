@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.paper --threads 1 --parallel 4   # full: 4 networks x 3 epochs
     .venv/bin/python -m benchmarks.paper --seeds 0 1 2   # more seeds (finished runs are reused;
                                                          # --networks picks those of seeds 1, 2)
-    .venv/bin/python -m benchmarks.paper --quick         # 6 steps each, to runs/bench-quick/
+    .venv/bin/python -m benchmarks.paper --quick         # 6 steps of small networks each
 
 (--threads 1 --parallel 4: four one-thread trainings at once, several times faster than one
 two-thread training after another when other jobs crowd the two cores; results are the same for
@@ -62,6 +62,7 @@ PAPER_IOU: dict[str, dict[str, float]] = {
 }
 STEPS_PER_EPOCH = 146  # 14 frames of 700x1100 / 96^2 crops / 8 per step
 QUICK_CROPS = 48  # 6 steps
+QUICK_WIDTHS = "8,16,32,64,128"  # a smoke run: every step of the study, on small networks
 CROP = 160  # side of the figure's crops
 
 
@@ -79,7 +80,7 @@ def run_one(
     train = ["train", "--data", "hela", "--out", str(rel), "--epochs", str(epochs)]
     train += ["--seed", str(seed), *NETWORKS[key][1]]
     if quick:
-        train += ["--epoch-crops", str(QUICK_CROPS)]
+        train += ["--epoch-crops", str(QUICK_CROPS), "--widths", QUICK_WIDTHS]
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     command_line = "".join(f"{k}={v} " for k, v in env.items()) + "unetpp " + " ".join(train)
     done = out / "run.json"
@@ -99,7 +100,7 @@ def run_one(
     if key != "unetpp_ds":
         command.append("--no-int8")
     elif quick:
-        command += ["--calib-images", "1"]
+        command += ["--calib-images", "1", "--ensemble", "never"]
     start = time.monotonic()
     if export:
         unetpp(*command)
@@ -299,7 +300,9 @@ def main() -> None:
         default=0,
         help="torch threads for training (OMP_NUM_THREADS; 1 is faster on a crowded CPU)",
     )
-    parser.add_argument("--quick", action="store_true", help="6 steps each, 3 latency runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="6 steps of small networks each, 3 latency runs"
+    )
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.seeds, args.repeats = 1, [0], 3

@@ -510,10 +510,9 @@ onnxruntime {m.get("onnxruntime", "?")}, torch {m.get("torch", "?")}; GPU: {m.ge
 its start and end, and every latency is the median of repeats interleaved across the things
 compared, but absolute timings move by tens of percent between runs.
 
-Each study is one command; `--quick` makes it a smoke run (a few steps, few repeats) that
-writes to `runs/bench-quick/` instead, never into this report. Measured here with the CPU
-crowded (load 6-9): paper 20 min (mostly the int8 export), pruning 3, levels 1.5, server 8. Install with
-`.venv/bin/pip install -e '.[all,bench]'`.
+Each study is one command; `--quick` makes it a smoke run (a few steps of small networks, few
+repeats) that writes to `runs/bench-quick/` instead, never into this report: about one to two
+minutes each on this CPU when idle. Install with `.venv/bin/pip install -e '.[all,bench]'`.
 
 {commands}"""
 

@@ -2,6 +2,7 @@
 held-out frames 17-19, and measure transfer between domains (synthetic <-> HeLa).
 
     .venv/bin/python -m benchmarks.train_hela --budget 30 --synthetic-budget 8
+    .venv/bin/python -m benchmarks.train_hela --quick    # half a minute each, runs/bench-quick/
 
 1. `unetpp train --data hela --out runs/hela --time-budget BUDGET [--crop N] [--augment A]` (the
    command a user runs);
@@ -31,7 +32,7 @@ from unetpp.core.datasets import load_split
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.train import TrainConfig, evaluate, format_table
 
-from benchmarks.common import ROOT, machine, place, save, unetpp
+from benchmarks.common import ROOT, machine, place, save, shown, unetpp
 
 
 def run_training(config: TrainConfig) -> dict:
@@ -39,7 +40,7 @@ def run_training(config: TrainConfig) -> dict:
     start = time.monotonic()
     unetpp(*shlex.split(command)[1:], capture=False)
     wall = time.monotonic() - start
-    out = Path(config.out)
+    out = ROOT / config.out  # unetpp runs in ROOT
     records = history(out)
     best = load_checkpoint(out / "best.pt")
     return {
@@ -81,10 +82,15 @@ def main() -> None:
     )
     parser.add_argument("--crop", type=int, default=96, help="HeLa training crop side")
     parser.add_argument("--augment", default="full", help="HeLa training augmentation")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--runs", type=Path, help="training folders (default runs/)")
+    parser.add_argument("--quick", action="store_true", help="half a minute each, to bench-quick")
     parser.add_argument("--score", type=Path, help="only score this HeLa checkpoint")
     parser.add_argument("--name", default="training_hela", help="results file name, without suffix")
     args = parser.parse_args()
+    if args.quick:
+        args.budget = args.synthetic_budget = 0.5
+    where = place(args.quick)
+    runs = args.runs or (where.base if args.quick else ROOT / "runs")
     if args.score:
         ckpt = load_checkpoint(args.score)
         records = history(args.score.parent)
@@ -100,7 +106,7 @@ def main() -> None:
             "test": score(args.score, "hela"),
             "synthetic_test": score(args.score, "synthetic"),
         }
-        save(place(False), args.name, scored)
+        save(where, args.name, scored)
         print("HeLa test\n" + format_table(scored["test"]))
         print("synthetic test\n" + format_table(scored["synthetic_test"]))
         return
@@ -108,22 +114,22 @@ def main() -> None:
     hela = run_training(
         TrainConfig(
             "hela",
-            str(args.runs / "hela"),
+            shown(runs / "hela"),
             time_budget=args.budget,
             crop=args.crop,
             augment=args.augment,
         )
     )
-    hela["test"] = score(args.runs / "hela" / "best.pt", "hela")
-    hela["synthetic_test"] = score(args.runs / "hela" / "best.pt", "synthetic")
+    hela["test"] = score(runs / "hela" / "best.pt", "hela")
+    hela["synthetic_test"] = score(runs / "hela" / "best.pt", "synthetic")
     result["hela"] = hela
     synthetic = run_training(
-        TrainConfig("synthetic", str(args.runs / "synthetic"), time_budget=args.synthetic_budget)
+        TrainConfig("synthetic", shown(runs / "synthetic"), time_budget=args.synthetic_budget)
     )
-    synthetic["test"] = score(args.runs / "synthetic" / "best.pt", "synthetic")
-    synthetic["hela_test"] = score(args.runs / "synthetic" / "best.pt", "hela")
+    synthetic["test"] = score(runs / "synthetic" / "best.pt", "synthetic")
+    synthetic["hela_test"] = score(runs / "synthetic" / "best.pt", "hela")
     result["synthetic"] = synthetic
-    save(place(False), args.name, result)
+    save(where, args.name, result)
     print(format_table(hela["test"]))
 
 

@@ -90,9 +90,11 @@ def test_report_lists_every_results_file_and_says_there_was_no_gpu(tmp_path):
         json.dumps(
             {
                 "checkpoint": "runs/x/best.pt",
-                "train_args": {"crop": 128},
-                "best_step": 7,
+                "command": "unetpp train --data hela --out runs/x --crop 128",
+                "wall_s": 90.0,
+                "steps": 7,
                 "test": scores,
+                "synthetic_test": {**scores, "L4": {"iou": 0.6, "dice": 0.75}},
             }
         )
     )
@@ -100,6 +102,11 @@ def test_report_lists_every_results_file_and_says_there_was_no_gpu(tmp_path):
     text = render(where)
     assert where.report.read_text() == text
     assert "### `results/training_hela_x.json`" in text
-    assert "| HeLa test | `runs/x/best.pt` (crop 128) | 7 | 0.9000 / 0.9500 |" in text
+    assert (
+        "| HeLa test | `unetpp train --data hela --out runs/x --crop 128` | 7 | 1.5 | 0.9000 / 0.9500 |"
+        in text
+    )
+    assert "| synthetic test | (the same HeLa model) |  |  | 0.9000 / 0.9500 |" in text
+    assert "0.6000 / 0.7500 | 0.9000 / 0.9500 |" in text  # its L4, then its ensemble
     assert "- [`results/future_study.json`](results/future_study.json)" in text  # no section
     assert "## 5. GPU" in text and "can_start_another=false" in text
