@@ -39,14 +39,12 @@ _bearer = HTTPBearer(auto_error=False, description="UNETPP_API_KEY")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def authorized(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
+def authorized(settings: Settings, token: str | None) -> bool:
     """True without an `api_key`, else when the bearer token is it (a constant-time compare)."""
     if settings.api_key is None:
         return True
     expected = settings.api_key.get_secret_value().encode()
-    return credentials is not None and hmac.compare_digest(
-        credentials.credentials.encode(), expected
-    )
+    return token is not None and hmac.compare_digest(token.encode(), expected)
 
 
 def require_token(settings: SettingsDep, credentials: BearerDep) -> None:
@@ -54,7 +52,7 @@ def require_token(settings: SettingsDep, credentials: BearerDep) -> None:
     to the protected routers when the server has an `api_key`)."""
     if credentials is None:
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
-    if not authorized(settings, credentials):
+    if not authorized(settings, credentials.credentials):
         raise Unauthorized("the bearer token is not this server's API key")
 
 
