@@ -97,8 +97,10 @@ def command_line(module: str) -> str:
 class Study:
     """One run of a study: where it writes, when it started, and its result's common fields."""
 
-    def __init__(self, name: str, quick: bool) -> None:
+    def __init__(self, name: str, quick: bool, module: str | None = None) -> None:
+        """`name`: the results file's stem; `module`: the study's (default: the name)."""
         self.name, self.quick, self.where = name, quick, place(quick)
+        self.module = module or name
         self.load_at_start, self.start = load_average(), time.monotonic()
 
     def save(self, **fields: Any) -> Path:
@@ -107,7 +109,7 @@ class Study:
             self.name,
             {
                 "study": self.name,
-                "command": command_line(self.name),
+                "command": command_line(self.module),
                 "quick": self.quick,
                 "machine": {**machine(), "load_average_at_start": self.load_at_start},
                 "wall_s": round(time.monotonic() - self.start, 1),

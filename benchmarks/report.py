@@ -377,6 +377,10 @@ Measured {d["measured"]}; base {d["base_bytes"] / 1e6:.1f} MB. Commands and note
 
 
 def soak_section(d: dict[str, Any], where: Place) -> str:
+    return "## Soak and overload (`soak`)\n\n" + soak_body(d, where)
+
+
+def soak_body(d: dict[str, Any], where: Place) -> str:
     """benchmarks/soak.py: memory over a long run, answers per kind of request, overload."""
     m, o, s = d["memory"], d["overload"], d["settings"]
     kinds = [
@@ -392,14 +396,13 @@ def soak_section(d: dict[str, Any], where: Place) -> str:
     met = "met" if m.get("growth_pct", 1e9) < m.get("goal_pct", 0) else "**not met**"
     served, refused = o["served"], o["refused_503"]
     surprises = "".join(f"\n- `{k}`: {v}" for k, v in d["unexpected_examples"].items())
-    return f"""## Soak and overload (`soak`)
-
-{run_facts(d)}
+    arena = "" if s.get("memory_arena", True) else ", served with `UNETPP_MEMORY_ARENA=false`"
+    return f"""{run_facts(d)}
 
 {s["minutes"]:g} min of mixed traffic from {s["clients"]} closed-loop clients
 ({d["requests"]:,} requests, {d["requests_per_s"]} per second), then {o["clients"]} clients
 sending back to back for {o["seconds"]:.0f} s against `UNETPP_MAX_QUEUE={s["max_queue"]}`, then
-idle; the server process's resident memory (VmRSS) every {s["sample_s"]:g} s.
+idle{arena}; the server process's resident memory (VmRSS) every {s["sample_s"]:g} s.
 
 **Memory.** Baseline {m.get("baseline_mb")} MB (median of the first {m.get("window_s", 60):g} s
 after a {s["warmup_min"]:g}-minute warm-up), {m.get("end_of_soak_mb")} MB at the end of the soak:
@@ -433,6 +436,11 @@ SECTIONS: dict[str, Renderer | None] = {
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
+    "soak_": (
+        "Soak variants (`soak --name NAME`)",
+        "The same soak and overload with other server settings, beside the one above.",
+        soak_body,
+    ),
     "training_hela": (
         "Training within a time budget (`train_hela`)",
         "`.venv/bin/python -m benchmarks.train_hela` (30-minute budget, time-dependent: the step "

@@ -323,16 +323,26 @@ def main() -> None:
     parser.add_argument("--overload-s", type=float, default=60.0)
     parser.add_argument("--idle-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-memory-arena",
+        dest="memory_arena",
+        action="store_false",
+        help="serve with UNETPP_MEMORY_ARENA=false",
+    )
+    parser.add_argument("--name", default="soak", help="results file name (default soak)")
     parser.add_argument("--quick", action="store_true", help="1 minute and short phases")
     args = parser.parse_args()
     if args.quick:
         args.minutes, args.warmup_min, args.sample_s = 1.0, 0.25, 2.0
         args.overload_s, args.idle_s = 10.0, 6.0
-    study = Study("soak", args.quick)
+    study = Study(args.name, args.quick, module="soak")
     models, _ = repository(args)
     kinds = mix()
     record = Record()
-    with serving(models, {"UNETPP_MAX_QUEUE": str(args.max_queue)}) as (url, proc):
+    env = {"UNETPP_MAX_QUEUE": str(args.max_queue)}
+    if not args.memory_arena:
+        env["UNETPP_MEMORY_ARENA"] = "false"
+    with serving(models, env) as (url, proc):
         with Sampler(proc.pid, args.sample_s) as sampler:
             sampler.phase = "soak"
             print(f"soak: {args.minutes:g} min, {args.clients} clients", flush=True)
@@ -343,7 +353,7 @@ def main() -> None:
             sampler.phase = "idle"
             time.sleep(args.idle_s)
         alive = httpx.get(f"{url}/readyz").status_code == 200
-    plot_rss(sampler.samples, study.where.plot_path("soak_rss.png"))
+    plot_rss(sampler.samples, study.where.plot_path(f"{args.name}_rss.png"))
     unexpected = sum(
         n for k in kinds for status, n in record.statuses(k.name).items() if status != k.expect
     )
@@ -355,6 +365,7 @@ def main() -> None:
             "warmup_min": args.warmup_min,
             "sample_s": args.sample_s,
             "max_queue": args.max_queue,
+            "memory_arena": args.memory_arena,
         },
         "requests": len(record.rows),
         "requests_per_s": round(len(record.rows) / soak_s, 2),
@@ -364,14 +375,14 @@ def main() -> None:
         "memory": memory(sampler.samples, 60.0 * args.warmup_min, 10.0 if args.quick else 60.0),
         "overload": burst,
         "alive_after": alive,
-        "plots": {"rss": "soak_rss.png"},
+        "plots": {"rss": f"{args.name}_rss.png"},
         "rss_samples": sampler.samples,
     }
     path = study.save(**fields)
-    from benchmarks.report import soak_section
+    from benchmarks.report import soak_body
 
     data = json.loads(path.read_text())
-    path.with_suffix(".md").write_text(soak_section(data, study.where) + "\n")
+    path.with_suffix(".md").write_text(soak_body(data, study.where) + "\n")
     m = data["memory"]
     print(
         f"{data['requests']} requests, {unexpected} unexpected; RSS {m.get('baseline_mb')} -> "

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from unetpp.core.datasets import load_split
 from unetpp.model.checkpoint import load_checkpoint
+from unetpp.model.data import AUGMENTS
 from unetpp.model.train import TrainConfig, evaluate, format_table
 
 from benchmarks.common import ROOT, machine, place, save, shown, unetpp
@@ -81,7 +82,9 @@ def main() -> None:
         "--synthetic-budget", type=float, default=8.0, help="synthetic training minutes"
     )
     parser.add_argument("--crop", type=int, default=96, help="HeLa training crop side")
-    parser.add_argument("--augment", default="full", help="HeLa training augmentation")
+    parser.add_argument(
+        "--augment", choices=AUGMENTS, default="full", help="HeLa training augmentation"
+    )
     parser.add_argument("--runs", type=Path, help="training folders (default runs/)")
     parser.add_argument("--quick", action="store_true", help="half a minute each, to bench-quick")
     parser.add_argument("--score", type=Path, help="only score this HeLa checkpoint")

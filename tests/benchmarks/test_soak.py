@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.common import Place
-from benchmarks.report import soak_section
+from benchmarks.report import soak_body, soak_section
 from benchmarks.soak import Kind, Record, memory, mix, per_kind
 
 
@@ -80,3 +80,8 @@ def test_the_report_section(tmp_path):
     assert "+0.00%" in text and "goal < 5.0%: met" in text
     assert "1 of 10 differed" in text and "`level=9: 500`: boom" in text
     assert "| level=9 | 422 | 422: 9, 500: 1 | 5.0 | 9.0 |" in text
+    assert "UNETPP_MEMORY_ARENA" not in text
+    data["settings"]["memory_arena"] = False
+    variant = soak_body(json.loads(json.dumps(data)), Place(tmp_path))
+    assert "served with `UNETPP_MEMORY_ARENA=false`" in variant
+    assert "## Soak" not in variant  # it goes under the variants' heading
