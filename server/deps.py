@@ -39,6 +39,13 @@ _bearer = HTTPBearer(auto_error=False, description="UNETPP_API_KEY")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
+async def bearer_token(request: Request) -> str | None:
+    """The request's bearer token, parsed as the protected routes parse it, for a public route
+    (as a dependency, the scheme would mark that route as protected in OpenAPI)."""
+    credentials = await _bearer(request)
+    return credentials.credentials if credentials else None
+
+
 def authorized(settings: Settings, token: str | None) -> bool:
     """True without an `api_key`, else when the bearer token is it (a constant-time compare)."""
     if settings.api_key is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from unetpp.server.deps import SettingsDep, StateDep, authorized
+from unetpp.server.deps import SettingsDep, StateDep, authorized, bearer_token
 from unetpp.server.errors import NotReady
 
 router = APIRouter(tags=["health"])
@@ -26,9 +26,7 @@ async def healthz(state: StateDep) -> dict[str, str]:
 async def readyz(request: Request, state: StateDep, settings: SettingsDep) -> dict[str, Any]:
     if state.draining:
         raise NotReady("the server is shutting down")
-    # read by hand: a security dependency would mark the (public) probe as protected in OpenAPI
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if state.error and not authorized(settings, token if scheme.lower() == "bearer" else None):
+    if state.error and not authorized(settings, await bearer_token(request)):
         raise NotReady("the model repository failed to load: the reason is in the server log")
     service = state.current()
     return {
