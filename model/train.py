@@ -575,7 +575,11 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         check_resume(resumed, config, resume)
     trainer = Trainer(config, resumed)
     try:
-        return trainer.run()
+        out = trainer.run()
+        if trainer.ctx.world > 1:
+            # no rank tears the group down while another still uses it (gloo aborts then)
+            dist.barrier()
+        return out
     finally:
         if trainer.ctx.world > 1:
             dist.destroy_process_group()
