@@ -397,6 +397,14 @@ def soak_body(d: dict[str, Any], where: Place) -> str:
     served, refused = o["served"], o["refused_503"]
     surprises = "".join(f"\n- `{k}`: {v}" for k, v in d["unexpected_examples"].items())
     arena = "" if s.get("memory_arena", True) else ", served with `UNETPP_MEMORY_ARENA=false`"
+    floors = m.get("minute_floors_mb") or []
+    floor = (
+        f" The lowest reading of each whole minute after warm-up (the least work in flight: what"
+        f" grows there stays) went from {floors[0]} to {floors[-1]} MB over {len(floors)} minutes"
+        f" ({m['floor_growth_pct']:+.2f}%, trend {m['floor_slope_mb_per_min']:+.3f} MB/min)."
+        if len(floors) > 1
+        else ""
+    )
     return f"""{run_facts(d)}
 
 {s["minutes"]:g} min of mixed traffic from {s["clients"]} closed-loop clients
@@ -409,7 +417,7 @@ after a {s["warmup_min"]:g}-minute warm-up), {m.get("end_of_soak_mb")} MB at the
 **{m.get("growth_pct", 0):+.2f}%** (goal < {m.get("goal_pct")}%: {met}; linear trend
 {m.get("slope_mb_per_min", 0):+.3f} MB/min). Peak under overload {m.get("overload_peak_mb")} MB;
 after the idle phase {m.get("idle_end_mb")} MB ({m.get("idle_vs_baseline_pct", 0):+.2f}% of the
-baseline).
+baseline).{floor}
 
 **Answers.** {d["unexpected"]} of {d["requests"]:,} differed from the expected status; the server
 was {"ready" if d["alive_after"] else "**not ready**"} afterwards.{surprises}

@@ -17,7 +17,8 @@ then far more clients than its queue admits, then idle; its resident memory samp
 4. Idle for --idle-s seconds.
 RSS (VmRSS of the server process) every --sample-s seconds throughout. Growth = the median of
 the last minute of the soak against the median of its first minute after --warmup-min, goal
-< 5%; the overload's and the idle phase's RSS against that baseline show whether memory returns.
+< 5%; the lowest reading of each minute (the floor: the least work in flight) shows whether what
+grows stays; the overload's and the idle phase's RSS against that baseline show whether memory returns.
 Writes results/soak.json (and re-renders the report) and results/soak.md.
 """
 
@@ -233,6 +234,19 @@ def memory(samples: list[dict[str, Any]], warmup_s: float, window_s: float) -> d
     end = statistics.median(last)
     slope = np.polyfit([s["t_s"] for s in steady], [s["rss_mb"] for s in steady], 1)[0] * 60.0
 
+    # the lowest reading of each whole minute: the least work in flight, so what grows here stays
+    # (a leak or fragmentation) rather than being requests served
+    floors: dict[int, float] = {}
+    for s in steady:
+        minute = int((s["t_s"] - steady[0]["t_s"]) // 60)
+        floors[minute] = min(floors.get(minute, s["rss_mb"]), s["rss_mb"])
+    floors.pop(int((steady[-1]["t_s"] - steady[0]["t_s"]) // 60), None)  # a part of a minute
+    floor = list(floors.values())
+    floor_growth = floor_slope = None
+    if len(floor) > 1:
+        floor_growth = round(100.0 * (floor[-1] - floor[0]) / floor[0], 2)
+        floor_slope = round(float(np.polyfit(range(len(floor)), floor, 1)[0]), 3)
+
     def phase(name: str) -> list[float]:
         return [s["rss_mb"] for s in samples if s["phase"] == name]
 
@@ -244,6 +258,9 @@ def memory(samples: list[dict[str, Any]], warmup_s: float, window_s: float) -> d
         "growth_pct": round(100.0 * (end - base) / base, 2),
         "goal_pct": GROWTH_GOAL_PCT,
         "slope_mb_per_min": round(float(slope), 3),
+        "minute_floors_mb": [round(f, 1) for f in floor],
+        "floor_growth_pct": floor_growth,
+        "floor_slope_mb_per_min": floor_slope,
         "max_soak_mb": round(max(s["rss_mb"] for s in soak), 1),
         "overload_peak_mb": round(max(overload), 1) if overload else None,
         "idle_end_mb": round(idle[-1], 1) if idle else None,

@@ -32,6 +32,18 @@ def test_memory_growth_is_measured_after_the_warm_up():
     }
 
 
+def test_the_floor_is_each_whole_minutes_lowest_reading():
+    # memory follows the work in flight (a saw-tooth) while its floor creeps up 3 MB a minute;
+    # the last, partial minute (one low reading) is not a minute's floor
+    saw = [0.0, 50.0, 60.0, 50.0, 40.0, 30.0]
+    soak = [100.0] * 6 + [f + v for f in (100.0, 103.0, 106.0) for v in saw] + [90.0]
+    m = memory(samples(soak, [], []), warmup_s=60, window_s=50)
+    assert m["minute_floors_mb"] == [100.0, 103.0, 106.0]
+    assert m["floor_growth_pct"] == 6.0 and m["floor_slope_mb_per_min"] == 3.0
+    short = memory(samples([100.0] * 12, [], []), warmup_s=60, window_s=50)
+    assert short["minute_floors_mb"] == [] and short["floor_growth_pct"] is None
+
+
 def test_answers_are_checked_against_what_each_request_must_get():
     good, bad = Kind("good", b"", "image/png", {}, 200), Kind("bad", b"", "image/png", {}, 400)
     record = Record()
@@ -78,6 +90,7 @@ def test_the_report_section(tmp_path):
     }
     text = soak_section(json.loads(json.dumps(data)), Place(tmp_path))
     assert "+0.00%" in text and "goal < 5.0%: met" in text
+    assert "went from 100.0 to 100.0 MB over 3 minutes (+0.00%, trend +0.000 MB/min)" in text
     assert "1 of 10 differed" in text and "`level=9: 500`: boom" in text
     assert "| level=9 | 422 | 422: 9, 500: 1 | 5.0 | 9.0 |" in text
     assert "UNETPP_MEMORY_ARENA" not in text
