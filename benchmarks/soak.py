@@ -18,7 +18,8 @@ then far more clients than its queue admits, then idle; its resident memory samp
 RSS (VmRSS of the server process) every --sample-s seconds throughout. Growth = the median of
 the last minute of the soak against the median of its first minute after --warmup-min, goal
 < 5%; the lowest reading of each minute (the floor: the least work in flight) shows whether what
-grows stays; the overload's and the idle phase's RSS against that baseline show whether memory returns.
+grows stays; the overload's and the idle phase's RSS against that baseline show whether memory
+returns.
 Writes results/soak.json (and re-renders the report) and results/soak.md.
 """
 
