@@ -260,6 +260,7 @@ def memory(samples: list[dict[str, Any]], warmup_s: float, window_s: float) -> d
         "goal_pct": GROWTH_GOAL_PCT,
         "slope_mb_per_min": round(float(slope), 3),
         "minute_floors_mb": [round(f, 1) for f in floor],
+        "floor_from_s": steady[0]["t_s"],
         "floor_growth_pct": floor_growth,
         "floor_slope_mb_per_min": floor_slope,
         "max_soak_mb": round(max(s["rss_mb"] for s in soak), 1),
@@ -269,13 +270,25 @@ def memory(samples: list[dict[str, Any]], warmup_s: float, window_s: float) -> d
     }
 
 
-def plot_rss(samples: list[dict[str, Any]], path: Path) -> None:
+def plot_rss(samples: list[dict[str, Any]], rss: dict[str, Any], path: Path) -> None:
+    """The samples of each phase, and the soak's floor (`rss`: what memory() measured)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for phase, colour in (("soak", "tab:blue"), ("overload", "tab:red"), ("idle", "tab:green")):
         points = [(s["t_s"] / 60.0, s["rss_mb"]) for s in samples if s["phase"] == phase]
         if points:
             ax.plot(*zip(*points, strict=True), ".-", color=colour, label=phase, markersize=3)
+    floors = rss.get("minute_floors_mb") or []
+    if floors:
+        edges = [rss["floor_from_s"] / 60.0 + i for i in range(len(floors) + 1)]
+        ax.stairs(
+            floors,
+            edges,
+            baseline=None,
+            color="black",
+            linewidth=1.5,
+            label="floor (lowest each minute)",
+        )
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
     ax.legend()
@@ -371,7 +384,8 @@ def main() -> None:
             sampler.phase = "idle"
             time.sleep(args.idle_s)
         alive = httpx.get(f"{url}/readyz").status_code == 200
-    plot_rss(sampler.samples, study.where.plot_path(f"{args.name}_rss.png"))
+    rss = memory(sampler.samples, 60.0 * args.warmup_min, 10.0 if args.quick else 60.0)
+    plot_rss(sampler.samples, rss, study.where.plot_path(f"{args.name}_rss.png"))
     unexpected = sum(
         n for k in kinds for status, n in record.statuses(k.name).items() if status != k.expect
     )
@@ -390,7 +404,7 @@ def main() -> None:
         "unexpected": unexpected,
         "unexpected_examples": record.examples,
         "kinds": per_kind(record, kinds, soak_s),
-        "memory": memory(sampler.samples, 60.0 * args.warmup_min, 10.0 if args.quick else 60.0),
+        "memory": rss,
         "overload": burst,
         "alive_after": alive,
         "plots": {"rss": f"{args.name}_rss.png"},
