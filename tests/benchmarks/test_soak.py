@@ -7,7 +7,7 @@ import json
 
 from benchmarks.common import Place
 from benchmarks.report import soak_body, soak_section
-from benchmarks.soak import Kind, Record, memory, mix, per_kind, plot_rss
+from benchmarks.soak import Kind, Record, memory, mix, per_kind
 
 
 def samples(soak: list[float], overload: list[float], idle: list[float]) -> list[dict]:
@@ -32,7 +32,7 @@ def test_memory_growth_is_measured_after_the_warm_up():
     }
 
 
-def test_the_floor_is_each_whole_minutes_lowest_reading(tmp_path):
+def test_the_floor_is_each_whole_minutes_lowest_reading():
     # memory follows the work in flight (a saw-tooth) while its floor creeps up 3 MB a minute;
     # the last, partial minute (one low reading) is not a minute's floor
     saw = [0.0, 50.0, 60.0, 50.0, 40.0, 30.0]
@@ -42,8 +42,6 @@ def test_the_floor_is_each_whole_minutes_lowest_reading(tmp_path):
     assert m["floor_growth_pct"] == 6.0 and m["floor_slope_mb_per_min"] == 3.0
     short = memory(samples([100.0] * 12, [], []), warmup_s=60, window_s=50)
     assert short["minute_floors_mb"] == [] and short["floor_growth_pct"] is None
-    plot_rss(samples(soak, [], []), m, tmp_path / "rss.png")  # the floor drawn as stairs
-    assert (tmp_path / "rss.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_answers_are_checked_against_what_each_request_must_get():
