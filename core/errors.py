@@ -25,6 +25,12 @@ class InvalidInput(UNetPPError):
     error = "invalid_input"
 
 
+class BadParameter(InvalidInput):
+    """Request parameters that are each valid but do not go together."""
+
+    error = "invalid_parameter"
+
+
 class ImageDecodeError(InvalidInput):
     """Bytes that do not decode to a supported image."""
 

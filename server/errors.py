@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from unetpp.core.errors import ImageTooLarge, InvalidInput, UNetPPError, UnsupportedImage
+from unetpp.core.errors import ImageTooLarge, UNetPPError, UnsupportedImage
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,6 @@ class BodyTooLarge(ImageTooLarge):
 
 class UnsupportedMediaType(UnsupportedImage):
     """A request whose content type is neither an image nor multipart with an `image` field."""
-
-
-class BadParameter(InvalidInput):
-    """Query parameters that are each valid but do not go together."""
-
-    error = "invalid_parameter"
 
 
 class Unavailable(UNetPPError):

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from unetpp.core import tiling
 from unetpp.core.imageio import decode_image
 from unetpp.core.inference import measure_latency
 from unetpp.core.preprocess import crop_to, pad_to_multiple
-from unetpp.server import tiling
+from unetpp.core.routing import Candidate, Choice, Route, choose
 from unetpp.server.batcher import Batcher, ItemResult
 from unetpp.server.errors import DeadlineExceeded, NotReady, QueueFull
 from unetpp.server.latency import LatencyPredictor
 from unetpp.server.metrics import Metrics
-from unetpp.server.router import Candidate, Choice, Route, choose
 from unetpp.server.runtime import LoadedModel, Runner
 from unetpp.server.settings import Settings
 

@@ -8,9 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from unetpp.core.preprocess import MULTIPLE
+from unetpp.core.routing import Mode
 
 Device = Literal["auto", "cpu", "cuda"]
-Mode = Literal["fast", "balanced", "accurate"]
 
 
 class Settings(BaseSettings):

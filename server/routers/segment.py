@@ -12,14 +12,14 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
+from unetpp.core.errors import BadParameter
 from unetpp.core.inference import logit_threshold
 from unetpp.core.manifest import Graph
+from unetpp.core.routing import Choice, Mode, Precision, Route
 from unetpp.server import encoders
 from unetpp.server.deps import ServiceDep
-from unetpp.server.errors import BadParameter, UnsupportedMediaType
-from unetpp.server.router import Choice, Precision, Route
+from unetpp.server.errors import UnsupportedMediaType
 from unetpp.server.service import Inference
-from unetpp.server.settings import Mode
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 

@@ -15,7 +15,7 @@ from PIL import Image
 from unetpp.core.imageio import encode_png
 from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.manifest import read_manifest
-from unetpp.server.tiling import starts
+from unetpp.core.tiling import starts
 
 from .conftest import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, settings, start, stop, synthetic
 from .test_encoders import unrle

@@ -1,7 +1,7 @@
 """Which graph serves a request: explicit level, a mode, a latency budget or an accuracy floor.
 
 Pure functions over `Candidate`s (a graph's measured IoU and its predicted latency for this
-request's pixels); the service fills them in. The rules (README "Serving" repeats them):
+request's pixels); the service fills them in. The rules (docs/api.md shows them with examples):
 
 - precision: `fp32` or `int8` keeps only graphs of that precision; `auto` keeps all.
 - `graph=name`: that graph (a /v2 model version names one).
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from unetpp.server.errors import BadParameter
-from unetpp.server.settings import Mode
+from unetpp.core.errors import BadParameter
 
+Mode = Literal["fast", "balanced", "accurate"]
 Precision = Literal["auto", "fp32", "int8"]
 
 

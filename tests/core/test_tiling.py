@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
-from unetpp.server.tiling import count, infer_tiled, ramp, starts
+from unetpp.core.tiling import count, infer_tiled, ramp, starts
 
 
 @pytest.mark.parametrize("length", [16, 128, 160, 400, 4096])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from unetpp.server.errors import BadParameter
-from unetpp.server.router import Candidate, Choice, choose
+from unetpp.core.errors import BadParameter
+from unetpp.core.routing import Candidate, Choice, choose
 
 # IoU rises with cost; L4 barely beats L3, the ensemble is best; int8 L3 is cheap and close.
 GRAPHS = [
