@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from unetpp.core.errors import BadParameter
 from unetpp.core.routing import Candidate, Choice, choose
 
@@ -50,12 +52,21 @@ def test_accurate_is_the_best_measured():
     assert pick(mode="accurate", precision="int8").graph == "L3.int8"
 
 
-def test_fast_is_the_fastest_within_the_tolerance():
-    # best 0.85: within 0.02 are L3 (0.83), L3.int8 (0.825 is not), L4, ensemble -> L3
-    assert pick(mode="fast").graph == "L3"
-    assert pick(mode="fast", tolerance=0.03).graph == "L3.int8"
-    assert pick(mode="fast", tolerance=0.0).graph == "ensemble"
+def test_fast_is_the_fastest_within_the_tolerance_of_balanced():
+    # balanced picks L3.int8 (0.825, 3 ms); fast looks only at graphs no slower and no more
+    # accurate than that: L3.int8 itself, L2 (0.78, 2 ms) and L1 (0.60, 1 ms)
+    assert pick(mode="fast").graph == "L3.int8"
+    assert pick(mode="fast", tolerance=0.05).graph == "L2"
+    assert pick(mode="fast", tolerance=0.0).graph == "L3.int8"
     assert pick(mode="fast", tolerance=1.0).graph == "L1"
+    # the issue's manifest: the deep int8 graph was "fast" and slower than "balanced"
+    seen = [
+        Candidate("L2.int8", 2, "int8", "logits", 0.70, 99.0),
+        Candidate("L4.int8", 4, "int8", "logits", 0.72, 258.0),
+        Candidate("L4", 4, "fp32", "logits", 0.725, 400.0),
+    ]
+    modes = {m: pick(candidates=seen, mode=m).graph for m in ("fast", "balanced", "accurate")}
+    assert modes == {"fast": "L2.int8", "balanced": "L4.int8", "accurate": "L4"}
 
 
 def test_balanced_is_the_knee_and_the_default():
@@ -107,6 +118,7 @@ def test_without_measured_accuracy_deeper_counts_as_better():
     ]
     assert pick(candidates=blind, mode="accurate").graph == "L4"
     assert pick(candidates=blind, mode="fast").graph == "L1"
+    assert pick(candidates=blind, mode="balanced").graph in {"L1", "L2", "L3", "L3.int8", "L4"}
     assert pick(candidates=blind, min_iou=0.1).missed
     # a measured graph outranks unmeasured ones
     mixed = [*blind[:3], Candidate("m", 1, "fp32", "logits", 0.1, 9.0)]
@@ -117,3 +129,79 @@ def test_the_route_reports_what_it_weighed():
     route = pick(max_latency_ms=5.0, queue_ms=1.5, precision="fp32")
     assert [c.name for c in route.candidates] == ["L1", "L2", "L3", "L4", "ensemble"]
     assert route.queue_ms == 1.5
+
+
+# Any candidate set: names unique, IoU measured or not, latencies positive (ties allowed).
+candidate_sets = st.lists(
+    st.builds(
+        lambda level, precision, iou, ms: (level, precision, iou, ms),
+        st.integers(1, 4),
+        st.sampled_from(["fp32", "int8"]),
+        st.one_of(st.none(), st.floats(0.0, 1.0)),
+        st.one_of(st.floats(0.01, 1000.0), st.sampled_from([1.0, 2.0, 5.0])),
+    ),
+    min_size=1,
+    max_size=9,
+).map(
+    lambda rows: [
+        Candidate(f"g{n}", level, precision, "logits", iou, ms)
+        for n, (level, precision, iou, ms) in enumerate(rows)
+    ]
+)
+
+
+@settings(max_examples=400)
+@given(candidate_sets, st.floats(0.0, 1.0), st.sampled_from(["auto", "fp32", "int8"]))
+def test_modes_keep_their_order(candidates, tolerance, precision):
+    """fast is never predicted slower than balanced, nor balanced than accurate, and accuracy
+    (measured IoU; the level where nothing is measured) runs the other way, for any set."""
+    if not any(precision in ("auto", c.precision) for c in candidates):
+        return
+    by_name = {c.name: c for c in candidates}
+    picks = [
+        by_name[pick(candidates, tolerance=tolerance, mode=m, precision=precision).graph]
+        for m in ("fast", "balanced", "accurate")
+    ]
+    measured = any(c.iou is not None for c in route_pool(candidates, precision))
+
+    def accuracy(c: Candidate) -> tuple[float, float]:
+        if measured:
+            return (1.0, c.iou) if c.iou is not None else (0.0, c.level)
+        return (0.0, c.level)
+
+    fast, balanced, accurate = picks
+    assert fast.predicted_ms <= balanced.predicted_ms <= accurate.predicted_ms
+    assert accuracy(fast) <= accuracy(balanced) <= accuracy(accurate)
+    if measured and balanced.iou is not None:
+        assert fast.iou is not None and fast.iou >= balanced.iou - tolerance - 1e-9
+
+
+def route_pool(candidates, precision):
+    return [c for c in candidates if precision in ("auto", c.precision)]
+
+
+CASCADES = [
+    Candidate(f"adaptive@{t:g}", 4, "fp32", "adaptive", 0.84 - t, ms, target=t)
+    for t, ms in ((0.002, 6.0), (0.005, 4.5), (0.01, 4.0))
+]
+
+
+def test_adaptive_takes_the_target_asked_for_or_the_middle_one():
+    pool = [*GRAPHS, *CASCADES]
+    assert pick(candidates=pool, mode="adaptive").graph == "adaptive@0.005"
+    assert pick(candidates=pool, mode="adaptive", target=0.002).graph == "adaptive@0.002"
+    with pytest.raises(BadParameter, match=r"0\.002, 0\.005, 0\.01"):
+        pick(candidates=pool, mode="adaptive", target=0.003)
+    with pytest.raises(BadParameter, match="no calibrated cascade"):
+        pick(mode="adaptive")
+    with pytest.raises(BadParameter, match="mode=adaptive only"):
+        pick(candidates=pool, mode="fast", target=0.002)
+
+
+def test_adaptive_is_weighed_like_any_other_candidate():
+    pool = [*GRAPHS, *CASCADES]
+    # adaptive@0.005 (0.835, 4.5 ms) reaches 0.832 faster than L4 (12 ms); adaptive@0.01 does not
+    assert pick(candidates=pool, min_iou=0.832, precision="fp32").graph == "adaptive@0.005"
+    assert pick(candidates=pool, max_latency_ms=6.0, precision="fp32").graph == "adaptive@0.002"
+    # but never answers a request for a level
+    assert pick(candidates=pool, level=4).graph == "L4"
