@@ -43,6 +43,45 @@ def count(height: int, width: int, tile: int, overlap: int) -> int:
     return len(starts(height, tile, overlap)) * len(starts(width, tile, overlap))
 
 
+class Blend:
+    """The windows of an H x W image and the accumulator their logits are blended into; shared
+    by `infer_tiled` (async, windows batched with other requests) and `infer_tiled_sync`."""
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int) -> None:
+        self.th, self.tw = min(tile, height), min(tile, width)
+        self.ys, self.xs = starts(height, self.th, overlap), starts(width, self.tw, overlap)
+        ny, nx = len(self.ys), len(self.xs)
+        self.wy = [ramp(self.th, overlap, i == 0, i == ny - 1) for i in range(ny)]
+        self.wx = [ramp(self.tw, overlap, j == 0, j == nx - 1) for j in range(nx)]
+        self.norm_y = np.zeros(height, dtype=np.float32)
+        self.norm_x = np.zeros(width, dtype=np.float32)
+        for y0, w in zip(self.ys, self.wy, strict=True):
+            self.norm_y[y0 : y0 + self.th] += w
+        for x0, w in zip(self.xs, self.wx, strict=True):
+            self.norm_x[x0 : x0 + self.tw] += w
+        self.windows = [(i, j) for i in range(ny) for j in range(nx)]
+        self.total: np.ndarray | None = None
+
+    def crop(self, x: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+        i, j = window
+        return x[:, self.ys[i] : self.ys[i] + self.th, self.xs[j] : self.xs[j] + self.tw]
+
+    def add(self, window: tuple[int, int], logits: np.ndarray) -> None:
+        i, j = window
+        if self.total is None:
+            shape = (logits.shape[0], len(self.norm_y), len(self.norm_x))
+            self.total = np.zeros(shape, dtype=np.float32)
+        weight = self.wy[i][:, None] * self.wx[j][None, :]
+        self.crop(self.total, window)[...] += logits * weight
+
+    def result(self) -> np.ndarray:
+        """The blended K x H x W logits (normalised in place; call once, after every window)."""
+        assert self.total is not None, "no window was added"
+        self.total /= self.norm_y[None, :, None]
+        self.total /= self.norm_x[None, None, :]
+        return self.total
+
+
 async def infer_tiled(
     x: np.ndarray,
     run: Callable[[np.ndarray], Awaitable[np.ndarray]],
@@ -54,34 +93,20 @@ async def infer_tiled(
     """Blend `run` (C x h x w -> K x h x w logits) over the windows of `x` (C x H x W, H and W
     multiples of 16) into K x H x W logits. `in_flight` windows are submitted at once so that
     they batch together."""
-    height, width = x.shape[-2:]
-    th, tw = min(tile, height), min(tile, width)
-    ys, xs = starts(height, th, overlap), starts(width, tw, overlap)
-    wy = [ramp(th, overlap, i == 0, i == len(ys) - 1) for i in range(len(ys))]
-    wx = [ramp(tw, overlap, j == 0, j == len(xs) - 1) for j in range(len(xs))]
-    norm_y = np.zeros(height, dtype=np.float32)
-    norm_x = np.zeros(width, dtype=np.float32)
-    for y0, w in zip(ys, wy, strict=True):
-        norm_y[y0 : y0 + th] += w
-    for x0, w in zip(xs, wx, strict=True):
-        norm_x[x0 : x0 + tw] += w
-    windows = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
-    total: np.ndarray | None = None
-    for first in range(0, len(windows), in_flight):
-        chunk = windows[first : first + in_flight]
-        outs = await asyncio.gather(
-            *(run(x[:, ys[i] : ys[i] + th, xs[j] : xs[j] + tw]) for i, j in chunk)
-        )
-        for (i, j), logits in zip(chunk, outs, strict=True):
-            if total is None:
-                total = np.zeros((logits.shape[0], height, width), dtype=np.float32)
-            weight = wy[i][:, None] * wx[j][None, :]
-            total[:, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] += logits * weight
-    assert total is not None
+    blend = Blend(*x.shape[-2:], tile, overlap)
+    for first in range(0, len(blend.windows), in_flight):
+        chunk = blend.windows[first : first + in_flight]
+        outs = await asyncio.gather(*(run(blend.crop(x, w)) for w in chunk))
+        for window, logits in zip(chunk, outs, strict=True):
+            blend.add(window, logits)
+    return await asyncio.to_thread(blend.result)
 
-    def normalise(total: np.ndarray) -> np.ndarray:
-        total /= norm_y[None, :, None]
-        total /= norm_x[None, None, :]
-        return total
 
-    return await asyncio.to_thread(normalise, total)
+def infer_tiled_sync(
+    x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], *, tile: int, overlap: int
+) -> np.ndarray:
+    """`infer_tiled` for a caller without an event loop (`unetpp predict`), one window at a time."""
+    blend = Blend(*x.shape[-2:], tile, overlap)
+    for window in blend.windows:
+        blend.add(window, run(blend.crop(x, window)))
+    return blend.result()
