@@ -27,9 +27,6 @@ from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
 from unetpp.core.routing import Candidate, Choice, Mode, Route, choose
 
 # the server's Settings use the same defaults (a test holds them together)
-TILE_ABOVE_PIXELS = 1 << 20
-TILE_SIZE = 512
-TILE_OVERLAP = 64
 DEFAULT_MODE: Mode = "balanced"
 FAST_TOLERANCE = 0.02
 
@@ -39,9 +36,9 @@ class Tiling:
     """Images above `above_pixels` (padded) run as `size` x `size` windows overlapping by
     `overlap` pixels (both multiples of 16)."""
 
-    above_pixels: int = TILE_ABOVE_PIXELS
-    size: int = TILE_SIZE
-    overlap: int = TILE_OVERLAP
+    above_pixels: int = tiling.TILE_ABOVE_PIXELS
+    size: int = tiling.TILE_SIZE
+    overlap: int = tiling.TILE_OVERLAP
 
 
 @dataclass(frozen=True)

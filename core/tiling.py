@@ -16,6 +16,11 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+# the defaults of the server's Settings and of `unetpp predict` (a test holds them together)
+TILE_ABOVE_PIXELS = 1 << 20  # images with more (padded) pixels are tiled
+TILE_SIZE = 512
+TILE_OVERLAP = 64
+
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:
     """Window origins along one axis covering [0, length); one window if it fits."""

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 
 from unetpp import __version__
@@ -161,6 +162,49 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="train, val or test (default test)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command(
+    "predict",
+    "unetpp.predict:main",
+    "segment files, folders, globs and multi-page TIFFs, here (onnxruntime) or on a server",
+)
+def _predict(p: argparse.ArgumentParser) -> None:
+    from unetpp.core.routing import Mode
+    from unetpp.core.tiling import TILE_ABOVE_PIXELS, TILE_OVERLAP, TILE_SIZE
+    from unetpp.predict import parse_shard, positive
+
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the outputs are written")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--models", metavar="DIR", help="run here on this model repository")
+    where.add_argument("--server", metavar="URL", help="send each image to this unetpp server")
+    p.add_argument("--model", help="a model of a repository of several (default: the only one)")
+    p.add_argument("--api-key", help="the server's key (default: env UNETPP_API_KEY)")
+    route = p.add_argument_group("routing (at most one of level, mode, max latency, min IoU)")
+    route.add_argument("--level", type=int, choices=(1, 2, 3, 4), help="pruning depth L1..L4")
+    route.add_argument("--mode", choices=typing.get_args(Mode), help="(default balanced)")
+    route.add_argument("--max-latency-ms", type=float, help="latency budget per image")
+    route.add_argument("--min-iou", type=float, help="accuracy floor")
+    route.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto")
+    route.add_argument("--deadline-ms", type=float, help="--server only: give up after this long")
+    p.add_argument("--format", default="png", help="png, json, overlay, probabilities, ...")
+    p.add_argument("--encoding", default="png16", help="format=probabilities: png16 or npy")
+    p.add_argument("--jobs", type=positive, default=2, help="images in flight at once (default 2)")
+    p.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), metavar="i/N", help="this part of N"
+    )
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: CPUs / jobs)")
+    p.add_argument("--tile-size", type=int, default=TILE_SIZE, help=f"(default {TILE_SIZE})")
+    p.add_argument(
+        "--tile-overlap", type=int, default=TILE_OVERLAP, help=f"(default {TILE_OVERLAP})"
+    )
+    p.add_argument(
+        "--tile-above-pixels",
+        type=int,
+        default=TILE_ABOVE_PIXELS,
+        help=f"tile images larger than this (default {TILE_ABOVE_PIXELS})",
+    )
 
 
 @command("demo", "unetpp.demo:main", "build the default model once (train + export), then serve it")
