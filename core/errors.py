@@ -63,3 +63,10 @@ class ExportError(UNetPPError):
     """An exported graph that fails its checks (ONNX validity, parity with PyTorch)."""
 
     error = "export_error"
+
+
+class Cancelled(UNetPPError):
+    """Work stopped because its owner cancelled it (a job's DELETE)."""
+
+    status_code = 409
+    error = "cancelled"
