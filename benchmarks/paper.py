@@ -157,7 +157,7 @@ def latency(records: dict[str, dict], repeats: int) -> dict[str, dict[str, Any]]
 def served_masks(records: dict[str, dict]) -> tuple[list, dict[str, list[np.ndarray]]]:
     """Every network's served mask (its deepest fp32 graph) for each test frame."""
     from unetpp.core.datasets import load_split
-    from unetpp.core.inference import create_session, predict_logits, to_mask
+    from unetpp.core.inference import create_session, predict_logits
     from unetpp.core.manifest import load_repository
 
     test = load_split("hela", "test")
@@ -168,7 +168,7 @@ def served_masks(records: dict[str, dict]) -> tuple[list, dict[str, list[np.ndar
         graph = next(g for g in manifest.graphs if g.name == "L4")
         session = create_session(repo / graph.file)
         masks[key] = [
-            to_mask(predict_logits(session, s.image, manifest.preprocessing)[0], manifest.threshold)
+            manifest.task.labels(predict_logits(session, s.image, manifest.preprocessing)) > 0
             for s in test
         ]
     return test, masks

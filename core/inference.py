@@ -11,7 +11,6 @@ A graph takes `image` float32 [N, C, H, W] (H, W multiples of 16) and returns lo
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from unetpp.core.datasets import Sample
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
-from unetpp.core.metrics import ScoreAccumulator
 from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
+from unetpp.core.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +52,23 @@ def create_session(
         raise ModelRepositoryError(f"{path}: onnxruntime cannot load it ({exc})") from exc
 
 
-def logit_threshold(threshold: float) -> float:
-    """The logit above which sigmoid(logit) > threshold (a probability in (0, 1))."""
-    if not 0.0 < threshold < 1.0:
-        raise InvalidInput(f"threshold must be a probability in (0, 1), got {threshold}")
-    return math.log(threshold / (1.0 - threshold))
-
-
-def to_mask(logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Logits -> boolean mask: sigmoid(logits) > threshold, computed on the logits."""
-    return logits > logit_threshold(threshold)
-
-
 def run_batch(
-    session: ort.InferenceSession, batch: np.ndarray, output: str = "logits"
+    session: ort.InferenceSession,
+    batch: np.ndarray,
+    output: str = "logits",
+    options: ort.RunOptions | None = None,
 ) -> np.ndarray:
     """[N, C, H, W] float32 (H, W multiples of 16) -> logits [N, K, H, W] from `output`."""
-    return session.run([output], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    x = np.ascontiguousarray(batch, dtype=np.float32)
+    return session.run([output], {INPUT_NAME: x}, options)[0]
+
+
+def shrinking_arena() -> ort.RunOptions:
+    """Run options that hand the CPU arena's unused chunks back after each run: the arena's
+    speed within a run, without keeping the largest batch's memory for good."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def network_input(
@@ -92,35 +91,41 @@ def predict_logits(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Set-level scores of one graph output and its mean inference time per image."""
+    """Set-level scores of one graph output (the mean over foreground classes, and per class
+    for a multi-class task) and its mean inference time per image."""
 
     iou: float
     dice: float
     images: int
     ms_per_image: float
+    classes: dict[str, dict[str, float]]
 
 
 def evaluate_session(
     session: ort.InferenceSession,
     samples: Iterable[Sample],
     preprocessing: Preprocessing,
-    threshold: float,
+    task: Task,
     output: str = "logits",
 ) -> Evaluation:
-    """Micro-averaged IoU/Dice of the thresholded first class over whole images.
+    """IoU/Dice of the task's decision over whole images (core/task.py: micro-averaged per
+    class, then the mean over foreground classes).
 
     Time is onnxruntime's alone (pre- and post-processing excluded), batch 1."""
-    acc = ScoreAccumulator()
+    scores = task.scores()
     seconds = 0.0
     for sample in samples:
+        task.check_labels(sample.mask, sample.name)
         chw, size = network_input(sample.image, preprocessing)
         start = time.perf_counter()
         logits = run_batch(session, chw[None], output)
         seconds += time.perf_counter() - start
-        acc.update(to_mask(crop_to(logits[0, 0], size), threshold), sample.mask)
-    if acc.images == 0:
+        scores.update(task.labels(crop_to(logits[0], size)), sample.mask)
+    if scores.images == 0:
         raise InvalidInput("no images to evaluate on")
-    return Evaluation(acc.iou, acc.dice, acc.images, 1000.0 * seconds / acc.images)
+    ms = 1000.0 * seconds / scores.images
+    classes = scores.classes() if task.multiclass else {}
+    return Evaluation(scores.iou, scores.dice, scores.images, ms, classes)
 
 
 def measure_latency(

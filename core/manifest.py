@@ -10,7 +10,8 @@ Each entry of `graphs` is one servable variant: a file, the output of that file 
 the pruning level, the precision and the figures measured on the exported file itself.
 Two entries may share a file (the ensemble is a second output of the L4 graph). The schema is
 documented in docs/model-repository.md; `SCHEMA_VERSION` changes on any incompatible change and a
-reader refuses a manifest newer than it knows.
+reader refuses a manifest newer than it knows. Schema 1 had `num_classes` and `threshold` where
+schema 2 has `task` (core/task.py); a schema-1 manifest reads as a binary task at its threshold.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unetpp.core.errors import ModelRepositoryError
+from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.preprocess import Preprocessing
+from unetpp.core.task import Task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "model.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -38,6 +40,7 @@ class Accuracy:
     dice: float
     images: int
     data: str
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)  # multi-class: per class
 
     def __post_init__(self) -> None:
         _require(_number(self.iou) and 0.0 <= self.iou <= 1.0, f"accuracy iou {self.iou!r}")
@@ -87,14 +90,75 @@ class Graph:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage graph of the adaptive cascade: the nodes L_level adds to L_(level-1), and
+    head_level. Inputs: `image` (level 1) or L_(level-1)'s node tensors `x_{i}_{j}`; outputs:
+    `head_{level}` and, except for the deepest stage, the new nodes."""
+
+    name: str  # "stage1".."stage4"
+    file: str
+    sha256: str
+    level: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CascadeTarget:
+    """Thresholds calibrated so that the cascade loses at most `max_loss` IoU against the
+    deepest stage, and what it measured with them on `data` (whole images, as served)."""
+
+    max_loss: float
+    thresholds: tuple[float, ...]  # leave L_k when its uncertain share is at most thresholds[k-1]
+    iou: float
+    deepest_iou: float
+    latency_ms: float  # mean per image
+    deepest_ms: float  # the deepest fp32 graph alone, same images, interleaved
+    reached: tuple[float, ...]  # share of windows that ran L1, L2, ... (L1: 1.0)
+    images: int
+    data: str
+
+
+@dataclass(frozen=True)
+class CascadeRecord:
+    """The adaptive cascade (docs/adaptive.md): its stage graphs, what counts as an uncertain
+    pixel, and one calibration per target."""
+
+    stages: tuple[Stage, ...]
+    band: float  # a pixel is uncertain when |probability - threshold| < band
+    targets: tuple[CascadeTarget, ...]
+    quality: dict[str, Any] = field(default_factory=dict)  # the quality score's rank correlation
+
+    def __post_init__(self) -> None:
+        levels = [s.level for s in self.stages]
+        _require(levels == list(range(1, len(levels) + 1)) and len(levels) > 1, "cascade stages")
+        _require(_number(self.band) and 0 < self.band < 0.5, f"cascade band {self.band!r}")
+        for t in self.targets:
+            _require(len(t.thresholds) == len(levels) - 1, f"cascade thresholds {t.thresholds}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CascadeRecord:
+        stages = tuple(
+            Stage(**{**s, "inputs": tuple(s["inputs"]), "outputs": tuple(s["outputs"])})
+            for s in data["stages"]
+        )
+        targets = tuple(
+            CascadeTarget(
+                **{**t, "thresholds": tuple(t["thresholds"]), "reached": tuple(t["reached"])}
+            )
+            for t in data["targets"]
+        )
+        return cls(stages, data["band"], targets, data.get("quality", {}))
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
     checkpoint_sha256: str
     arch: str
     in_channels: int
-    num_classes: int
-    threshold: float
+    task: Task
     preprocessing: Preprocessing
     reference_size: int
     graphs: tuple[Graph, ...]
@@ -102,6 +166,7 @@ class Manifest:
     machine: str = ""  # where latencies were measured
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    cascade: CascadeRecord | None = None  # optional; absent from older manifests
 
     def __post_init__(self) -> None:
         _require(_SHA256.fullmatch(str(self.checkpoint_sha256)) is not None, "checkpoint_sha256")
@@ -109,10 +174,18 @@ class Manifest:
             self.in_channels == self.preprocessing.channels,
             f"in_channels {self.in_channels!r} differs from the preprocessing's channels",
         )
-        _require(_integer(self.num_classes) and self.num_classes > 0, "num_classes")
-        _require(_number(self.threshold) and 0 < self.threshold < 1, "threshold")
+        _require(isinstance(self.task, Task), "task")
         _require(_integer(self.reference_size) and self.reference_size > 0, "reference_size")
         _require(all(isinstance(g, Graph) for g in self.graphs), "graphs")
+
+    @property
+    def num_classes(self) -> int:
+        """The graphs' output channels K."""
+        return self.task.channels
+
+    @property
+    def threshold(self) -> float:
+        return self.task.threshold
 
     def graph(self, name: str) -> Graph:
         for g in self.graphs:
@@ -123,7 +196,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["preprocessing"] = self.preprocessing.to_dict()
+        data["task"] = self.task.to_dict()
         data["graphs"] = [asdict(g) for g in self.graphs]
+        if data["cascade"] is None:
+            del data["cascade"]
         return {"schema_version": data.pop("schema_version"), **data}
 
     @classmethod
@@ -145,8 +221,11 @@ class Manifest:
                 for g in fields.pop("graphs")
             )
             prep = Preprocessing.from_dict(fields.pop("preprocessing"))
-            manifest = cls(**fields, graphs=graphs, preprocessing=prep)
-        except (KeyError, TypeError, ValueError) as exc:
+            if fields.get("cascade") is not None:
+                fields["cascade"] = CascadeRecord.from_dict(fields["cascade"])
+            task = _task(fields)
+            manifest = cls(**fields, task=task, graphs=graphs, preprocessing=prep)
+        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise ModelRepositoryError(f"malformed manifest: {exc}") from exc
         names = [g.name for g in manifest.graphs]
         if not names or len(set(names)) != len(names):
@@ -157,6 +236,16 @@ class Manifest:
 
 
 _SHA256 = re.compile("[0-9a-f]{64}")
+
+
+def _task(fields: dict[str, Any]) -> Task:
+    """Pops the task from a manifest's fields: schema 2's `task`, or schema 1's binary model
+    (`num_classes` 1 and `threshold`)."""
+    if "task" in fields:
+        return Task.from_dict(fields.pop("task"))
+    num_classes = fields.pop("num_classes")
+    _require(num_classes == 1, f"schema 1 num_classes {num_classes!r} (only binary models)")
+    return Task.binary(fields.pop("threshold"))
 
 
 def _integer(value: Any) -> bool:
@@ -197,7 +286,7 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def verify_graph(directory: str | Path, graph: Graph) -> Path:
+def verify_graph(directory: str | Path, graph: Graph | Stage) -> Path:
     """The graph's path, after checking that the file exists and its hash matches the manifest."""
     path = Path(directory) / graph.file
     if not path.is_file():
@@ -214,6 +303,6 @@ def verify_graph(directory: str | Path, graph: Graph) -> Path:
 def load_repository(directory: str | Path) -> Manifest:
     """Read the manifest and verify every graph's hash; raise ModelRepositoryError otherwise."""
     manifest = read_manifest(directory)
-    for graph in manifest.graphs:
+    for graph in (*manifest.graphs, *(manifest.cascade.stages if manifest.cascade else ())):
         verify_graph(directory, graph)
     return manifest

@@ -45,7 +45,7 @@ def evaluate_repository(
             sessions[graph.file],
             samples,
             manifest.preprocessing,
-            manifest.threshold,
+            manifest.task,
             graph.output,
         )
         log.debug(

@@ -13,13 +13,15 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
 from unetpp.core.errors import ExportError
-from unetpp.core.inference import INPUT_NAME, create_session, logit_threshold, run_batch
+from unetpp.core.inference import INPUT_NAME, create_session, run_batch
+from unetpp.core.task import Task
 from unetpp.model.unetpp import UNetPlusPlus, average_heads
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class LevelWithEnsemble(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         heads = self.net.head_logits(x)
-        return heads[-1], average_heads(heads)
+        return heads[-1], average_heads(heads, softmax=self.net.config.num_classes > 1)
 
 
 def export_graph(
@@ -119,21 +121,21 @@ def check_parity(
     images: Sequence[np.ndarray],
     *,
     in_channels: int,
+    task: Task,
     outputs: Sequence[str] = ("logits",),
-    threshold: float = 0.5,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Compare the graph with `module` on `images` (CxHxW, padded) and on random batches of odd
-    valid sizes: logits within LOGITS_TOLERANCE and masks agreeing on MASK_AGREEMENT of pixels,
-    for every output. Raises ExportError otherwise; returns the worst figures seen."""
+    valid sizes, for every output and every foreground class: the class's logits within
+    LOGITS_TOLERANCE and its decisions (the task's) agreeing on MASK_AGREEMENT of pixels.
+    Raises ExportError otherwise; returns the worst figures seen, overall and per class."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     batches = [img[None] for img in images] + [
         rng.standard_normal((n, in_channels, h, w), dtype=np.float32) for n, h, w in PARITY_SHAPES
     ]
     session = create_session(path)
-    cut = logit_threshold(threshold)
-    worst_diff, worst_agreement = 0.0, 1.0
+    worst = {name: (0.0, 1.0) for name in task.foreground}
     module = module.eval()
     for batch in batches:
         with torch.no_grad():
@@ -146,15 +148,17 @@ def check_parity(
                 raise ExportError(
                     f"{path.name}: output {name} has shape {got.shape}, PyTorch {ref.shape}"
                 )
-            diff = float(np.abs(got - ref).max())
-            agreement = float(np.mean((got > cut) == (ref > cut)))
-            worst_diff, worst_agreement = max(worst_diff, diff), min(worst_agreement, agreement)
-            if diff > LOGITS_TOLERANCE or agreement < MASK_AGREEMENT:
-                raise ExportError(
-                    f"{path.name}: output {name} differs from PyTorch on input {batch.shape}: "
-                    f"max |logit difference| {diff:.2e} (limit {LOGITS_TOLERANCE:.0e}), masks "
-                    f"agree on {100 * agreement:.4f}% of pixels (limit {100 * MASK_AGREEMENT}%)"
-                )
+            for cls, (diff, agreement) in _class_parity(task, got, ref).items():
+                worst[cls] = (max(worst[cls][0], diff), min(worst[cls][1], agreement))
+                if diff > LOGITS_TOLERANCE or agreement < MASK_AGREEMENT:
+                    raise ExportError(
+                        f"{path.name}: output {name} differs from PyTorch on input {batch.shape}"
+                        f"{f' for class {cls!r}' if task.multiclass else ''}: max |logit "
+                        f"difference| {diff:.2e} (limit {LOGITS_TOLERANCE:.0e}), masks agree on "
+                        f"{100 * agreement:.4f}% of pixels (limit {100 * MASK_AGREEMENT}%)"
+                    )
+    worst_diff = max(diff for diff, _ in worst.values())
+    worst_agreement = min(agreement for _, agreement in worst.values())
     log.info(
         "%s: parity on %d inputs, max |diff| %.2e, masks agree %.4f%%",
         path.name,
@@ -162,4 +166,28 @@ def check_parity(
         worst_diff,
         100 * worst_agreement,
     )
-    return {"max_abs_diff": worst_diff, "mask_agreement": worst_agreement, "inputs": len(batches)}
+    figures: dict[str, Any] = {
+        "max_abs_diff": worst_diff,
+        "mask_agreement": worst_agreement,
+        "inputs": len(batches),
+    }
+    if task.multiclass:
+        figures["classes"] = {
+            cls: {"max_abs_diff": diff, "mask_agreement": agreement}
+            for cls, (diff, agreement) in worst.items()
+        }
+    return figures
+
+
+def _class_parity(task: Task, got: np.ndarray, ref: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Per foreground class: max |logit difference| on its channel (a multi-class model's
+    background channel counts with every class: it takes part in each argmax) and the
+    fraction of pixels where both decide the same about the class."""
+    got_labels, ref_labels = task.labels(got), task.labels(ref)
+    diffs = np.abs(got - ref).max(axis=(0, 2, 3))
+    figures = {}
+    for index, cls in enumerate(task.foreground, start=1):
+        diff = float(max(diffs[index], diffs[0]) if task.multiclass else diffs[0])
+        agreement = float(np.mean((got_labels == index) == (ref_labels == index)))
+        figures[cls] = (diff, agreement)
+    return figures

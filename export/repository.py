@@ -14,7 +14,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from unetpp.core.inference import (
 )
 from unetpp.core.manifest import Accuracy, Graph, Manifest, sha256_file, write_manifest
 from unetpp.core.preprocess import Preprocessing
+from unetpp.core.task import Task
 from unetpp.export.graphs import (
     DEFAULT_OPSET,
     LevelWithEnsemble,
@@ -61,7 +62,7 @@ class ExportOptions:
     # "auto": the ensemble becomes a second output of the deepest graph when it measures better
     # than every single level on the validation set; "always"/"never" force the choice.
     ensemble: Literal["auto", "always", "never"] = "auto"
-    threshold: float = 0.5
+    threshold: float = 0.5  # a binary model's; a multi-class model takes the argmax
     parity_images: int = 4  # validation images also used for the PyTorch parity check
     latency_sizes: tuple[int, ...] = (REFERENCE_SIZE,)
     name: str = "unetpp"
@@ -101,8 +102,10 @@ class _Builder:
         data: str,
         options: ExportOptions,
         preprocessing: Preprocessing,
+        task: Task,
     ) -> None:
         self.directory = directory
+        self.task = task
         self.in_channels = in_channels
         self.samples = samples
         self.data = data
@@ -128,7 +131,7 @@ class _Builder:
             )
         self.parity[file] = check_parity(
             path, module, self.parity_inputs, in_channels=self.in_channels, outputs=outputs,
-            threshold=self.options.threshold,
+            task=self.task,
         )  # fmt: skip
 
     def measure(self, entry: _Entry, providers: Sequence[str] | None = None) -> None:
@@ -136,7 +139,7 @@ class _Builder:
         session = create_session(self.directory / entry.file, providers=providers)
         if self.samples:
             entry.evaluation = evaluate_session(
-                session, self.samples, self.preprocessing, self.options.threshold, entry.output
+                session, self.samples, self.preprocessing, self.task, entry.output
             )
         entry.latency_ms = {
             str(size): round(measure_latency(session, size, self.in_channels, entry.output), 3)
@@ -172,19 +175,20 @@ def export_repository(
     options = options or ExportOptions()
     checkpoint_path = Path(checkpoint_path)
     ckpt = load_checkpoint(checkpoint_path)
-    if ckpt.config.num_classes != 1 and val_samples:
-        raise InvalidInput("accuracy is measured for one-class models only; drop --val-data")
     if options.int8 and not calibration_samples:
         raise InvalidInput("int8 variants need calibration (training) images; or use --no-int8")
     checkpoint_sha = sha256_file(checkpoint_path)
     model = ckpt.build()
     prep = ckpt.preprocessing
+    task = ckpt.task if ckpt.task.multiclass else replace(ckpt.task, threshold=options.threshold)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server's user
     try:
-        builder = _Builder(staging, ckpt.config.in_channels, val_samples, val_data, options, prep)
+        builder = _Builder(
+            staging, ckpt.config.in_channels, val_samples, val_data, options, prep, task
+        )
         levels = _levels(model)
         entries = [_Entry(f"L{k}", k, module, f"L{k}.onnx", "logits") for k, module in levels]
         for entry in entries[:-1]:
@@ -212,8 +216,7 @@ def export_repository(
             checkpoint_sha256=checkpoint_sha,
             arch=ckpt.config.arch,
             in_channels=ckpt.config.in_channels,
-            num_classes=ckpt.config.num_classes,
-            threshold=options.threshold,
+            task=task,
             preprocessing=prep,
             reference_size=REFERENCE_SIZE,
             graphs=graphs,
@@ -370,7 +373,9 @@ def _graph(directory: Path, entry: _Entry, data: str, gflops_at_reference: float
         precision=entry.precision,
         parameters=count_parameters(entry.module),
         gflops=gflops_at_reference,
-        accuracy=Accuracy(round(ev.iou, 6), round(ev.dice, 6), ev.images, data) if ev else None,
+        accuracy=Accuracy(round(ev.iou, 6), round(ev.dice, 6), ev.images, data, ev.classes)
+        if ev
+        else None,
         latency_ms=entry.latency_ms,
         validated=entry.validated,
         note=entry.note,

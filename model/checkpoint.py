@@ -5,6 +5,8 @@ A checkpoint is a dict saved with torch.save::
     format, format_version   "unetpp-checkpoint", 1
     model                    ModelConfig.to_dict(): rebuilds the network
     preprocessing            Preprocessing.to_dict(): how pixels became the input
+    task                     Task.to_dict(): binary or multi-class, class names and colours
+                             (absent in older checkpoints: binary)
     state_dict               the weights
     metrics                  per-level validation scores, e.g. {"L1": {"iou": .., "dice": ..}, ...}
     train_args, data         how and on what it was trained (free-form, JSON-able)
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing
+from unetpp.core.task import Task
 from unetpp.model.unetpp import ModelConfig, build_model
 
 FORMAT = "unetpp-checkpoint"
@@ -37,6 +40,14 @@ class Checkpoint:
     train_args: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    task: Task = field(default_factory=Task.binary)
+
+    def __post_init__(self) -> None:
+        if self.task.channels != self.config.num_classes:
+            raise InvalidInput(
+                f"the {self.task.kind} task ({len(self.task.classes)} classes) needs "
+                f"{self.task.channels} output channels; the model has {self.config.num_classes}"
+            )
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
@@ -54,6 +65,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "format_version": FORMAT_VERSION,
         "model": ckpt.config.to_dict(),
         "preprocessing": ckpt.preprocessing.to_dict(),
+        "task": ckpt.task.to_dict(),
         "state_dict": ckpt.state_dict,
         "metrics": ckpt.metrics,
         "train_args": ckpt.train_args,
@@ -88,4 +100,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         train_args=payload.get("train_args", {}),
         data=payload.get("data", {}),
         training=payload.get("training", {}),
+        task=Task.from_dict(payload["task"]) if "task" in payload else Task.binary(),
     )

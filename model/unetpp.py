@@ -16,6 +16,7 @@ skips: X(i,4-i) = Block(concat[X(i,0), Up(X(i+1,3-i))]).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -157,11 +158,20 @@ class UNetPlusPlus(_Encoder):
         )
 
     def _features(self, x: Tensor, level: int) -> dict[tuple[int, int], Tensor]:
-        feats = self.encode(x, level)
-        for j in range(1, level + 1):
-            for i in range(level + 1 - j):
-                feats[(i, j)] = self.node(feats, i, j, range(j))
+        feats = self.encode(x, 0)
+        for k in range(1, level + 1):
+            self.grow(feats, k)
         return feats
+
+    def grow(self, feats: dict[tuple[int, int], Tensor], level: int) -> list[tuple[int, int]]:
+        """Add to the nodes of L_(level-1) the ones L_level adds, X(i, level - i) for i = level
+        down to 0, computing nothing twice; returns their keys in that order."""
+        new = [(level, 0)]
+        feats[(level, 0)] = self.nodes[f"x_{level}_0"](F.max_pool2d(feats[(level - 1, 0)], 2))
+        for i in reversed(range(level)):
+            feats[(i, level - i)] = self.node(feats, i, level - i, range(level - i))
+            new.append((i, level - i))
+        return new
 
     def _check_level(self, level: int | None) -> int:
         level = self.depth if level is None else level
@@ -192,7 +202,7 @@ class UNetPlusPlus(_Encoder):
 
     def ensemble(self, x: Tensor) -> Tensor:
         """The paper's average of the heads: mean of the heads' probabilities, as logits."""
-        return average_heads(self.head_logits(x))
+        return average_heads(self.head_logits(x), softmax=self.config.num_classes > 1)
 
     def prune(self, level: int, keep_heads: bool = False) -> UNetPlusPlus:
         """A standalone L_level: only the nodes with i + j <= level and head_level (all heads up
@@ -215,13 +225,17 @@ class UNetPlusPlus(_Encoder):
         return pruned.train(self.training)
 
 
-def average_heads(logits: list[Tensor]) -> Tensor:
+def average_heads(logits: list[Tensor], *, softmax: bool = False) -> Tensor:
     """Mean of the heads' probabilities, returned as logits (the paper's ensemble).
 
-    logit(mean_i sigmoid(x_i)) = log sum_i sigmoid(x_i) - log sum_i sigmoid(-x_i), computed in
-    log space: logit(p) itself loses all precision as p nears 1 in float32 (two runtimes
-    would disagree by 1e-3 on confident pixels), this form does not, and needs no clamping."""
+    Sigmoid (a binary task's one channel): logit(mean_i sigmoid(x_i)) = log sum_i sigmoid(x_i)
+    - log sum_i sigmoid(-x_i), computed in log space: logit(p) itself loses all precision as p
+    nears 1 in float32 (two runtimes would disagree by 1e-3 on confident pixels), this form
+    does not, and needs no clamping. `softmax` (a multi-class task's K channels, dim 1 of each
+    head): log mean_i softmax(x_i), whose softmax is the mean probability itself."""
     x = torch.stack(logits)
+    if softmax:
+        return torch.logsumexp(F.log_softmax(x, dim=2), dim=0) - math.log(len(logits))
     return torch.logsumexp(-F.softplus(-x), dim=0) - torch.logsumexp(-F.softplus(x), dim=0)
 
 

@@ -6,8 +6,9 @@ max_latency_ms, min_iou, precision, deadline_ms). Tensor contract (README, "KSer
 
 - input `image`: [N, C, H, W] (C = 1..4) or [H, W]; raw pixels of any numeric datatype
   (UINT8, UINT16, FP32, ...), preprocessed by the manifest's recipe exactly like a decoded file;
-- outputs `logits` and `probabilities` (FP32) and `mask` (UINT8, 0/1 at the manifest's
-  threshold), each [N, K, H, W]; all three unless `outputs` names some.
+- outputs `logits` and `probabilities` (FP32) and `mask` (UINT8, 0/1: the task's decision,
+  the thresholded foreground or, for a multi-class model, the one-hot label map), each
+  [N, K, H, W]; all three unless `outputs` names some.
 """
 
 from __future__ import annotations
@@ -20,31 +21,32 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from unetpp.core.errors import ImageTooLarge, UNetPPError
-from unetpp.core.inference import logit_threshold
-from unetpp.server import encoders, tensors
-from unetpp.server.deps import ServiceDep, StateDep
-from unetpp.server.errors import NotReady
-from unetpp.server.routers.segment import RouteParams, route_headers
-from unetpp.server.service import Service
+from unetpp.core.errors import ImageTooLarge
+from unetpp.core.task import Task
+from unetpp.server import facade, tensors
+from unetpp.server.deps import RegistryDep
+from unetpp.server.errors import ModelNotFound, NotReady
+from unetpp.server.facade import Outcome
+from unetpp.server.registry import Registry
+from unetpp.server.routers.segment import RouteParams
+from unetpp.server.security import AdminAllowed
 from unetpp.server.tensors import InvalidTensor, Tensor
 
 from unetpp import __version__
 
 # The protocol is specified by the Open Inference Protocol itself (errors `{"error"}`, not the
-# /v1 shape), so it stays out of this server's OpenAPI schema; README documents the contract.
+# /v1 shape), so it stays out of this server's OpenAPI schema; docs/api.md documents the contract.
 public = APIRouter(prefix="/v2", include_in_schema=False)
 router = APIRouter(prefix="/v2", include_in_schema=False)  # behind the API key (app.py)
+# the model repository extension (Triton's): model control, for operators only
+repository = APIRouter(
+    prefix="/v2/repository", include_in_schema=False, dependencies=[AdminAllowed]
+)
 
 INPUT = "image"
 OUTPUTS = ("logits", "probabilities", "mask")
 MODEL = "/models/{model_name}"
 VERSION = "/models/{model_name}/versions/{model_version}"
-
-
-class ModelNotFound(UNetPPError):
-    status_code = 404
-    error = "model_not_found"
 
 
 class InferParameters(RouteParams):
@@ -53,14 +55,12 @@ class InferParameters(RouteParams):
     binary_data_output: bool = False
 
 
-def _graph(service: Service, model_name: str, version: str | None) -> str | None:
+def _version(registry: Registry, model_name: str, version: str | None) -> str | None:
     """The graph a model name and optional version address (None: route by parameters)."""
-    manifest = service.model.manifest
-    if model_name != manifest.name:
-        raise ModelNotFound(f"no model {model_name!r}; this server serves {manifest.name!r}")
-    if version is not None and version not in service.runners:
+    engine = registry.engine(model_name)
+    if version is not None and version not in engine.runners:
         raise ModelNotFound(
-            f"model {model_name!r} has no version {version!r}; versions: {', '.join(service.runners)}"
+            f"model {model_name!r} has no version {version!r}; versions: {', '.join(engine.runners)}"
         )
     return version
 
@@ -71,29 +71,33 @@ async def live() -> dict[str, bool]:
 
 
 @public.get("/health/ready", summary="Readiness (false while loading, failed or draining)")
-async def ready(state: StateDep) -> dict[str, bool]:
-    if state.draining:
-        raise NotReady("the server is shutting down")
-    state.current()
+async def ready(registry: RegistryDep) -> dict[str, bool]:
+    if not registry.ready:
+        raise NotReady("no model is ready" if not registry.draining else "shutting down")
     return {"ready": True}
 
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "unetpp", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return {
+        "name": "unetpp",
+        "version": __version__,
+        "extensions": ["binary_tensor_data", "model_repository"],
+    }
 
 
 @router.get(MODEL, summary="Model metadata: versions (the graphs), inputs, outputs")
 @router.get(VERSION, summary="Metadata of one version (graph)")
 async def model_metadata(
-    model_name: str, service: ServiceDep, model_version: str | None = None
+    model_name: str, registry: RegistryDep, model_version: str | None = None
 ) -> dict[str, Any]:
-    version = _graph(service, model_name, model_version)
-    manifest = service.model.manifest
+    version = _version(registry, model_name, model_version)
+    engine = registry.engine(model_name)
+    manifest = engine.model.manifest
     k = manifest.num_classes
     return {
-        "name": manifest.name,
-        "versions": [version] if version else list(service.runners),
+        "name": model_name,
+        "versions": [version] if version else list(engine.runners),
         "platform": "onnxruntime_onnx",
         "inputs": [
             {"name": INPUT, "datatype": "FP32", "shape": [-1, manifest.in_channels, -1, -1]}
@@ -112,9 +116,9 @@ async def model_metadata(
 @router.get(MODEL + "/ready", summary="Model readiness")
 @router.get(VERSION + "/ready", summary="Version readiness")
 async def model_ready(
-    model_name: str, service: ServiceDep, model_version: str | None = None
+    model_name: str, registry: RegistryDep, model_version: str | None = None
 ) -> dict[str, Any]:
-    _graph(service, model_name, model_version)
+    _version(registry, model_name, model_version)
     return {"name": model_name, "ready": True}
 
 
@@ -161,27 +165,62 @@ def _requested(header: dict[str, Any], binary_default: bool) -> list[tuple[str, 
 
 
 def _outputs(
-    logits: np.ndarray, threshold: float, requested: list[tuple[str, bool]]
+    logits: np.ndarray, task: Task, requested: list[tuple[str, bool]]
 ) -> list[tuple[Tensor, bool]]:
     arrays = {
         "logits": lambda: logits,
-        "probabilities": lambda: encoders.sigmoid(logits).astype(np.float32, copy=False),
-        "mask": lambda: (logits > logit_threshold(threshold)).astype(np.uint8),
+        "probabilities": lambda: task.probabilities(logits),
+        "mask": lambda: task.masks(logits),
     }
     return [(Tensor(name, arrays[name]()), binary) for name, binary in requested]
+
+
+def _answer(
+    header: dict[str, Any], requested: list[tuple[str, bool]], outcome: Outcome
+) -> Response:
+    """The inference response (in a thread: see facade)."""
+    graph, route = outcome.graph, outcome.route
+    body: dict[str, Any] = {
+        "model_name": outcome.engine.name,
+        "model_version": route.graph,
+        "parameters": {
+            "graph": graph.name,
+            "level": graph.level,
+            "precision": graph.precision,
+            "route_rule": route.rule,
+            "route_reason": route.reason,
+            "target_missed": route.missed,
+            "queue_ms": round(outcome.queue_ms, 3),
+            "inference_ms": round(outcome.inference_ms, 3),
+        },
+    }
+    if isinstance(header.get("id"), str):
+        body["id"] = header["id"]
+    task = outcome.engine.model.manifest.task
+    content, header_length = tensors.encode_response(
+        body, _outputs(outcome.logits, task, requested)
+    )
+    headers = outcome.headers()
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers[tensors.HEADER_LENGTH] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
 
 
 @router.post(MODEL + "/infer", summary="Inference, routed by `parameters` like /v1")
 @router.post(VERSION + "/infer", summary="Inference on one version (graph)")
 async def infer(
-    model_name: str, request: Request, service: ServiceDep, model_version: str | None = None
+    model_name: str, request: Request, registry: RegistryDep, model_version: str | None = None
 ) -> Response:
     """JSON tensors, or the binary tensor extension (`Inference-Header-Content-Length`,
     `binary_data_size` on inputs, `binary_data` / `binary_data_output` for outputs)."""
-    version = _graph(service, model_name, model_version)
-    settings = service.settings
-    async with service.admit() as admission:
+    version = _version(registry, model_name, model_version)
+    settings = registry.settings
+    async with registry.gate.receiving() as hold:
+        if request.headers.get("content-length", "").isdigit():
+            hold.grow(int(request.headers["content-length"]))
         body = await request.body()
+        hold.grow(len(body))
         header, inputs = await asyncio.to_thread(
             tensors.parse_request, body, request.headers.get(tensors.HEADER_LENGTH)
         )
@@ -189,48 +228,52 @@ async def infer(
             params = InferParameters.model_validate(header.get("parameters") or {})
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
-        admission.shorten(params.deadline_ms)
         if [t.name for t in inputs] != [INPUT]:
             raise InvalidTensor(f"give one input named {INPUT!r}; got {[t.name for t in inputs]}")
         requested = _requested(header, params.binary_data_output)
         images = _images(inputs[0], settings.max_pixels, settings.max_side, settings.max_queue)
-        service.reserve(admission, sum(image.shape[0] * image.shape[1] for image in images))
-        prepared = await asyncio.to_thread(lambda: [service.preprocess(i) for i in images])
-        plan = service.plan(prepared[0])
-        route = service.route(dataclasses.replace(params.choice(), graph=version), plan)
-        admission.submitting()
-        results = await asyncio.gather(
-            *(service.infer(route.graph, p, plan, admission.deadline) for p in prepared)
+        return await facade.segment(
+            registry,
+            model_name,
+            facade.Pixels(images),
+            dataclasses.replace(params.choice(), graph=version),
+            lambda outcome: _answer(header, requested, outcome),
+            deadline_ms=params.deadline_ms,
         )
-        graph = service.runners[route.graph].graph
-        summary = dataclasses.replace(
-            results[0],
-            queue_ms=max(r.queue_ms for r in results),
-            inference_ms=max(r.inference_ms for r in results),
-        )
-        body_json: dict[str, Any] = {
-            "model_name": model_name,
-            "model_version": route.graph,
-            "parameters": {
-                "graph": graph.name,
-                "level": graph.level,
-                "precision": graph.precision,
-                "route_rule": route.rule,
-                "route_reason": route.reason,
-                "target_missed": route.missed,
-                "queue_ms": round(summary.queue_ms, 3),
-                "inference_ms": round(summary.inference_ms, 3),
-            },
-        }
-        if isinstance(header.get("id"), str):
-            body_json["id"] = header["id"]
-        logits = np.stack([r.logits for r in results])
-        threshold = service.model.manifest.threshold
-        content, header_length = await asyncio.to_thread(
-            lambda: tensors.encode_response(body_json, _outputs(logits, threshold, requested))
-        )
-    headers = route_headers(graph, route, summary)
-    if header_length is None:
-        return Response(content, media_type="application/json", headers=headers)
-    headers[tensors.HEADER_LENGTH] = str(header_length)
-    return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+@repository.post("/index", summary="The models of the repository and their states")
+async def index(registry: RegistryDep) -> list[dict[str, Any]]:
+    registry.scan()
+    out = []
+    for slot in registry.slots.values():
+        entry: dict[str, Any] = {"name": slot.name, "state": STATES[slot.state]}
+        if slot.engine is not None:
+            entry["version"] = str(slot.engine.model.manifest.version)
+        if slot.error:
+            entry["reason"] = slot.error
+        out.append(entry)
+    return out
+
+
+STATES = {
+    "ready": "READY",
+    "loading": "LOADING",
+    "failed": "UNAVAILABLE",
+    "unloaded": "UNAVAILABLE",
+}
+
+
+@repository.post("/models/{model_name}/load", summary="Load (or reload) one model")
+async def load(model_name: str, registry: RegistryDep) -> dict[str, Any]:
+    """Loads the model from its folder beside what serves, then swaps it in; requests already
+    running finish on the old version. A model that fails to load keeps its old version."""
+    engine = await registry.load(model_name)
+    return {"name": model_name, "state": "READY", "version": str(engine.model.manifest.version)}
+
+
+@repository.post("/models/{model_name}/unload", summary="Unload one model")
+async def unload(model_name: str, registry: RegistryDep) -> dict[str, Any]:
+    """Stops serving it at once; its memory is freed when its last request ends."""
+    await registry.unload(model_name)
+    return {"name": model_name, "state": "UNAVAILABLE"}

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, Response
 from unetpp.core.datasets import synthetic_split
 from unetpp.core.imageio import encode_png
-from unetpp.server.encoders import display_rgb
+from unetpp.core.render import display_rgb
 
 router = APIRouter(tags=["web page"])
 SAMPLE_COUNT = 4

@@ -19,6 +19,7 @@ from unetpp.core.manifest import (
 )
 from unetpp.core.metrics import ScoreAccumulator, dice, iou
 from unetpp.core.preprocess import Preprocessing
+from unetpp.core.task import Task
 
 
 def test_iou_and_dice() -> None:
@@ -58,8 +59,7 @@ def _repo(tmp_path: Path) -> Manifest:
         checkpoint_sha256="0" * 64,
         arch="unetpp",
         in_channels=1,
-        num_classes=1,
-        threshold=0.5,
+        task=Task.binary(0.5),
         preprocessing=Preprocessing(),
         reference_size=256,
         graphs=(graph,),
@@ -97,6 +97,30 @@ def test_manifest_refusals(tmp_path: Path) -> None:
         read_manifest(tmp_path / "nowhere")
     with pytest.raises(ModelRepositoryError, match="plain name"):
         replace(manifest.graphs[0], file="../etc/passwd")
+
+
+def test_schema_1_manifest_reads_as_a_binary_task(tmp_path: Path) -> None:
+    manifest = _repo(tmp_path)
+    path = tmp_path / "model.json"
+    data = json.loads(path.read_text())
+    task = data.pop("task")
+    assert task == {
+        "kind": "binary",
+        "classes": ["background", "foreground"],
+        "colours": [[0, 0, 0], [255, 40, 40]],
+        "threshold": 0.5,
+    }
+    v1 = {**data, "schema_version": 1, "num_classes": 1, "threshold": 0.3}
+    path.write_text(json.dumps(v1))
+    old = read_manifest(tmp_path)
+    assert old.task == Task.binary(0.3) and old.threshold == 0.3 and old.num_classes == 1
+    assert replace(old, task=manifest.task, schema_version=SCHEMA_VERSION) == manifest
+    path.write_text(json.dumps({**v1, "num_classes": 3}))
+    with pytest.raises(ModelRepositoryError, match="num_classes"):
+        read_manifest(tmp_path)
+    path.write_text(json.dumps({**data, "task": {**task, "classes": ["background"]}}))
+    with pytest.raises(ModelRepositoryError, match=r"malformed.*classes"):
+        read_manifest(tmp_path)
 
 
 def test_core_and_cli_import_without_torch(run_without_torch) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import create_session, run_batch
+from unetpp.core.task import Task
 from unetpp.export.graphs import check_parity, export_graph
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.unetpp import average_heads
@@ -36,13 +37,13 @@ def test_parity_check_fails_loudly_on_a_graph_that_differs(
     pruned = model.prune(2)
     path = export_graph(pruned, tmp_path / "L2.onnx", in_channels=1)
     image = np.random.default_rng(2).random((1, 32, 64), dtype=np.float32)
-    figures = check_parity(path, pruned, [image], in_channels=1)
+    figures = check_parity(path, pruned, [image], in_channels=1, task=Task.binary())
     assert figures["max_abs_diff"] < 1e-4 and figures["mask_agreement"] >= 0.9999
     assert figures["inputs"] == 3  # the image and two random batches
     with torch.no_grad():
         pruned.heads["head_2"].bias += 1e-3  # a small drift: masks barely change, logits do
     with pytest.raises(ExportError, match=r"L2.onnx: output logits differs from PyTorch"):
-        check_parity(path, pruned, [image], in_channels=1)
+        check_parity(path, pruned, [image], in_channels=1, task=Task.binary())
 
 
 def test_opset_below_18_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
