@@ -347,7 +347,8 @@ def retry_after(value: str | None) -> float | None:
 
 
 class _Base:
-    """What both clients hold: the server's address, the key, timeouts, the retry policy."""
+    """What both clients hold: the server's address, the key, timeouts, the retry policy.
+    `http` passes more options to the httpx client (verify, proxy, event_hooks, transport)."""
 
     def __init__(
         self,
@@ -356,6 +357,7 @@ class _Base:
         api_key: str | None = None,
         timeout: float = 60.0,
         retry: Retry = Retry(),
+        http: dict[str, Any] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry
@@ -363,6 +365,7 @@ class _Base:
             "base_url": self.url,
             "timeout": timeout,
             "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+            **(http or {}),
         }
 
     def _settle(
