@@ -7,24 +7,32 @@ Per format (docs/tasks.md is the user's page):
 - json: the row-major RLE, area and bbox of the mask, or of each foreground class;
 - overlay: the image with each foreground class drawn in its colour;
 - probabilities: binary, a 16-bit PNG (p * 65535) or float32 NPY [H, W]; multi-class, a
-  multi-page 16-bit TIFF (one page per class, background first) or float32 NPY [K, H, W].
+  multi-page 16-bit TIFF (one page per class, background first) or float32 NPY [K, H, W];
+- binary only, separate objects (core/instances.py, docs/instances.md): instances, a 16-bit
+  PNG label image (0 background, 1..N); geojson, a FeatureCollection of one Polygon per object
+  (QuPath detections); coco, COCO-style annotations with compressed RLE masks.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from unetpp.core import instances
 from unetpp.core.errors import BadParameter
 from unetpp.core.imageio import encode_png
 from unetpp.core.preprocess import normalize, to_channels
-from unetpp.core.task import Task
+from unetpp.core.task import OBJECT_FORMATS, Task
 
 OVERLAY_ALPHA = 0.45
 ENCODINGS = ("png16", "npy")
+OBJECT_MEDIA_TYPES = dict(
+    zip(OBJECT_FORMATS, ("image/png", "application/geo+json", "application/json"), strict=True)
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,8 @@ def render(
         raise BadParameter(f"format {fmt!r}: a {task.kind} model answers {', '.join(task.formats)}")
     if fmt == "probabilities":
         return _probabilities(task, logits, encoding)
+    if fmt in OBJECT_MEDIA_TYPES:
+        return _objects(task, logits, fmt)
     labels = task.labels(logits)
     if fmt == "png":
         png = encode_png(labels) if task.multiclass else mask_png(labels > 0)
@@ -146,3 +156,21 @@ def _probabilities(task: Task, logits: np.ndarray, encoding: str) -> Rendered:
     if task.multiclass:
         return Rendered(probabilities_tiff16(probabilities), "image/tiff")
     return Rendered(probabilities_png16(probabilities), "image/png")
+
+
+def _objects(task: Task, logits: np.ndarray, fmt: str) -> Rendered:
+    """A binary model's separate objects: label PNG, GeoJSON or COCO JSON (as bytes)."""
+    split = instances.split(task.labels(logits) > 0)
+    objects = instances.measure(split, task.probabilities(logits)[0])
+    name = task.foreground[0]
+    if fmt == "instances":
+        content = instances.label_png(objects.labels)
+    elif fmt == "geojson":
+        content = _json(instances.geojson(objects, name, task.colours[1]))
+    else:
+        content = _json(instances.coco(objects, name))
+    return Rendered(content, OBJECT_MEDIA_TYPES[fmt])
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()

@@ -27,6 +27,7 @@ BINARY = "binary"
 MULTICLASS = "multiclass"
 BACKGROUND = "background"
 MAX_CLASSES = 256  # label maps are 8-bit
+OBJECT_FORMATS = ("instances", "geojson", "coco")  # binary only: separate objects
 # the first is today's overlay red; then colours that stay apart from each other and from grey
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 40, 40),
@@ -123,7 +124,8 @@ class Task:
     @property
     def formats(self) -> tuple[str, ...]:
         """The /v1/segment formats this task answers (core/render.py renders them)."""
-        return ("png", "json", "overlay", "probabilities")
+        common = ("png", "json", "overlay", "probabilities")
+        return common if self.multiclass else (*common, *OBJECT_FORMATS)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Logits [..., K, H, W] -> probabilities of the same shape (sigmoid or softmax)."""

@@ -3,6 +3,8 @@ object-matching scores (pure arrays; the served formats are tested in tests/serv
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
@@ -10,7 +12,11 @@ from pycocotools.coco import COCO
 from shapely import contains_xy
 from shapely.geometry import Polygon, shape
 from unetpp.core import instances
+from unetpp.core.errors import BadParameter
+from unetpp.core.imageio import decode_image
 from unetpp.core.metrics import ObjectAccumulator, match_objects
+from unetpp.core.render import OBJECT_MEDIA_TYPES, render
+from unetpp.core.task import OBJECT_FORMATS, Task
 
 # pycocotools' decode passes copy=False to numpy 2's __array__
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -129,8 +135,6 @@ def test_coco_annotations_load_in_pycocotools() -> None:
 
 
 def test_label_png_is_16_bit_with_the_labels() -> None:
-    from unetpp.core.imageio import decode_image
-
     labels = np.zeros((5, 300), np.int32)
     labels[0, :] = np.arange(300)
     decoded = decode_image(instances.label_png(labels))
@@ -178,3 +182,39 @@ def test_object_scores_ignore_label_values_and_count_over_images() -> None:
     acc.update(np.zeros_like(true), true)  # all missed
     assert (acc.tp, acc.fp, acc.fn, acc.images) == (3, 0, 3, 2)
     assert acc.ap50 == 0.5
+
+
+# --------------------------------------------------------------------------- rendered
+
+
+@pytest.mark.parametrize("fmt", OBJECT_FORMATS)
+def test_a_binary_task_renders_its_objects(fmt: str) -> None:
+    true = touching_discs()
+    logits = np.where(true > 0, 4.0, -4.0).astype(np.float32)[None]
+    task = Task.binary(name="nucleus")
+    assert fmt in task.formats
+    rendered = render(task, logits, np.zeros(true.shape, np.uint8), fmt)
+    assert rendered.media_type == OBJECT_MEDIA_TYPES[fmt]
+    if fmt == "instances":
+        labels = decode_image(rendered.content)
+    elif fmt == "geojson":
+        features = json.loads(rendered.content)["features"]
+        assert all(f["properties"]["classification"]["name"] == "nucleus" for f in features)
+        labels = np.zeros(true.shape, np.int32)
+        ys, xs = np.mgrid[: true.shape[0], : true.shape[1]]
+        for index, feature in enumerate(features, start=1):
+            labels[contains_xy(shape(feature["geometry"]), xs + 0.5, ys + 0.5)] = index
+    else:
+        annotations = json.loads(rendered.content)["annotations"]
+        labels = np.zeros(true.shape, np.int32)
+        for ann in annotations:
+            labels[coco_mask.decode(ann["segmentation"]) > 0] = ann["id"]
+    assert match_objects(labels, true) == (3, 0, 0)
+    assert ((labels > 0) == (true > 0)).all()
+
+
+def test_a_multiclass_task_has_no_object_formats() -> None:
+    task = Task.from_names(["a", "b"])
+    assert not set(OBJECT_FORMATS) & set(task.formats)
+    with pytest.raises(BadParameter, match="coco"):
+        render(task, np.zeros((3, 8, 8), np.float32), np.zeros((8, 8), np.uint8), "coco")
