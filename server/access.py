@@ -3,7 +3,11 @@
 The id is the client's `X-Request-ID` when it is sane (1-128 of `A-Z a-z 0-9 . _ : -`), else a
 new one; it is returned as `X-Request-ID` and kept in `request.state.request_id`. The log line
 (logger `unetpp.access`, logfmt) carries id, method, path, status, error, graph and ms; the same
-fields go to the record's `extra` for structured handlers.
+fields go to the record's `extra` for structured handlers. A client controls the method and the
+path, so every value is cut to `FIELD_CHARS` and quoted and escaped as logfmt wants (a newline
+or `" x=1` in a path cannot start a line or add a field). Metric labels are bounded too: the
+route's template (one `unmatched` for every path no route serves) and the method among the
+known ones (else `other`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,37 @@ from unetpp.server.metrics import Metrics
 log = logging.getLogger("unetpp.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+FIELD_CHARS = 256
+QUOTED = re.compile(r'[\s"=\\]')  # a logfmt value with one of these needs quotes
+
+
+def capped(text: str) -> str:
+    return text if len(text) <= FIELD_CHARS else text[:FIELD_CHARS] + "..."
+
+
+def _escape(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if c.isprintable() or c == " ":
+        return c
+    code = ord(c)
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
+        f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    )
+
+
+def logfmt(fields: dict[str, object]) -> str:
+    """`key=value ...`, a value quoted when it holds a space, `=`, a quote, a backslash or an
+    unprintable character, which are escaped (`\\"`, `\\n`, `\\x1b`, `\\u2028`)."""
+    out = []
+    for key, value in fields.items():
+        text = str(value)
+        if text.isprintable() and not QUOTED.search(text):
+            out.append(f"{key}={text}")
+        else:
+            out.append(f'{key}="{"".join(map(_escape, text))}"')
+    return " ".join(out)
 
 
 def request_id(scope: Scope) -> str:
@@ -60,9 +95,8 @@ class AccessLog:
             await self.app(scope, receive, tagged)
         finally:
             seconds = time.perf_counter() - start
-            route = scope.get("route")  # unknown paths share one label (bounded cardinality)
-            handler = getattr(route, "path", scope["path"] if status < 400 else "unmatched")
-            method = scope["method"]
+            handler = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"] if scope["method"] in METHODS else "other"
             error = state.get("error", "") if status >= 400 else ""
             if status >= 400 and not error:
                 error = "internal_error" if status >= 500 else str(status)
@@ -72,16 +106,12 @@ class AccessLog:
             if error:
                 m.errors.labels(handler, str(status), error).inc()
             fields = {
-                "request_id": rid,
-                "method": method,
-                "path": scope["path"],
+                "method": capped(scope["method"]),
+                "path": capped(scope["path"]),
                 "status": status,
                 "error": error,
                 "graph": graph,
                 "ms": round(1000.0 * seconds, 1),
             }
-            log.info(
-                "request id=%s method=%s path=%s status=%d error=%s graph=%s ms=%.1f",
-                *fields.values(),
-                extra=fields,
-            )
+            line = logfmt({"id": rid, **fields})
+            log.info("request %s", line, extra={"request_id": rid, **fields})

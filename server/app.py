@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from unetpp.server.access import AccessLog
+from unetpp.server.connections import BodyDeadline, ConnectionGuard
 from unetpp.server.deps import Authorized
 from unetpp.server.errors import BodyTooLarge, error_response, install_handlers
 from unetpp.server.metrics import Metrics
@@ -62,9 +65,24 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def single_query_values(request: Request) -> None:
+    """Every query parameter at most once: `level=1&level=4` is a 422, not the last one."""
+    names = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(name for name, count in names.items() if count > 1)
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", name), "msg": "given more than once", "type": "repeated"}
+                for name in repeated
+            ]
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     telemetry = Metrics()
+    connections = ConnectionGuard.from_settings(settings)  # main.py gives uvicorn its protocol
+    telemetry.watch(connections.metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,9 +102,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        redirect_slashes=False,  # starlette builds the redirect from the client's Host header
+        dependencies=[Depends(single_query_values)],
     )
+    app.state.connections = connections
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyDeadline, grace_s=settings.body_timeout_s, min_rate=settings.min_body_rate
+    )
     app.add_middleware(AccessLog, metrics=telemetry)  # outermost: sees every answer
     # the key is declared (and in the OpenAPI schema) only when the server has one
     guard = [Authorized] if settings.api_key is not None else []

@@ -15,9 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from unetpp.core.errors import ImageTooLarge, UNetPPError, UnsupportedImage
 
 log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection
 
 
 class BodyTooLarge(ImageTooLarge):
@@ -56,6 +59,20 @@ class Unauthorized(UNetPPError):
     error = "unauthorized"
 
 
+class BodyTimeout(UNetPPError):
+    """A request body that arrived slower than the server's minimum rate (`min_body_rate`)."""
+
+    status_code = 408
+    error = "body_timeout"
+
+
+class AdminClosed(UNetPPError):
+    """An admin endpoint on a server without an API key that was not opened (`admin_open`)."""
+
+    status_code = 403
+    error = "admin_closed"
+
+
 class DeadlineExceeded(UNetPPError):
     """The request's deadline passed before its result was ready."""
 
@@ -83,6 +100,8 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     if isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="unetpp"'}
+    if isinstance(exc, BodyTimeout):  # the rest of the body is not read: the connection ends
+        headers = {"Connection": "close"}
     if exc.status_code >= 500 and not isinstance(exc, Unavailable):
         log.warning("%s %s: %s (%s)", request.method, request.url.path, exc.error, exc.detail)
     return _answer(request, exc.status_code, exc.error, exc.detail, headers)
@@ -105,6 +124,14 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return _answer(request, 422, "invalid_parameter", "; ".join(parts))
 
 
+async def _disconnected(request: Request, exc: Exception) -> JSONResponse:
+    """The client went away before its body was in: a client event (status 499, as nginx logs
+    it), not a failure of the server; nobody reads the answer."""
+    return _answer(
+        request, CLIENT_CLOSED, "client_disconnected", "the client closed the connection"
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)
     # uvicorn drops the connection after an unhandled exception: say so, or a client reusing it
@@ -117,4 +144,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UNetPPError, _domain)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(Exception, _unexpected)

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from unetpp.core.errors import InvalidInput, UNetPPError
 from unetpp.server.app import create_app
+from unetpp.server.connections import BACKLOG, raise_open_file_limit
 from unetpp.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     log.info("serving %s on http://%s:%d", settings.models, settings.host, settings.port)
+    raise_open_file_limit()  # before the app sizes its connection cap under it
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -107,6 +109,8 @@ def main(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=logging.getLevelName(logging.getLogger().level).lower(),
         access_log=False,  # unetpp.access logs every request, with its id
+        http=app.state.connections.protocol,  # the connection cap and deadlines
+        backlog=BACKLOG,
         timeout_graceful_shutdown=int(settings.timeout_ms / 1000) + 10,
     )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn re-raises SIGINT when done

@@ -55,6 +55,30 @@ class Settings(BaseSettings):
         None, description="bearer token required on everything but health (and metrics)"
     )
     metrics_auth: bool = Field(False, description="require the api_key on /metrics too")
+    admin_open: bool = Field(
+        False,
+        description="serve the admin endpoints (reload, model control) without an API key: only "
+        "on a trusted network; without either they answer 403",
+    )
+
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="open HTTP connections at once (lowered to fit the open-file limit); past "
+        "it a new one replaces the one waiting longest for its headers, or is closed",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection's request headers must be in within this time"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="grace before a request body must keep up `min_body_rate`"
+    )
+    min_body_rate: float = Field(
+        8192, gt=0, description="bytes a second a request body must average (else 408)"
+    )
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="a client that reads none of its answer for this long is cut"
+    )
     drain_delay_s: float = Field(
         2.0, ge=0, description="on SIGTERM, seconds not-ready but serving before listeners close"
     )

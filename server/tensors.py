@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,23 +75,55 @@ def parameters(spec: dict[str, Any], where: str) -> dict[str, Any]:
     return value
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only (`str.isdigit` also takes '١' and '²'), at most 20 of them."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
+def _json(data: bytes) -> Any:
+    """The JSON header; nesting deeper than the interpreter's recursion limit (about 1,000) and
+    integers above 4,300 digits (`sys.get_int_max_str_digits`) are refused like bad JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InvalidTensor("the inference request's JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:  # before ValueError, its base
+        raise InvalidTensor(f"the inference request is not valid JSON: {exc}") from None
+    except ValueError as exc:  # not UTF-8, or an integer too long to convert
+        what = "UTF-8" if isinstance(exc, UnicodeDecodeError) else "an integer with too many digits"
+        raise InvalidTensor(f"the inference request is not valid JSON: {what}") from None
+
+
+def _distinct_outputs(asked: Any) -> None:
+    """Each output asked for at most once: a repeated one would be computed and sent again."""
+    if isinstance(asked, list):
+        names = Counter(
+            spec["name"]
+            for spec in asked
+            if isinstance(spec, dict) and isinstance(spec.get("name"), str)
+        )
+        repeated = [name[:40] for name, count in names.items() if count > 1]
+        if repeated:
+            raise InvalidTensor(
+                f"outputs: {', '.join(map(repr, repeated[:3]))} asked for more than once"
+            )
+
+
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], list[Tensor]]:
     """The request's JSON object and its input tensors (binary or JSON data)."""
     if header_length is None:
         length = len(body)
-    elif header_length.isdigit() and 0 < int(header_length) <= len(body):
+    elif _decimal(header_length) and 0 < int(header_length) <= len(body):
         length = int(header_length)
     else:
         raise InvalidTensor(
-            f"{HEADER_LENGTH} must be the length of the JSON header, 1..{len(body)} bytes; "
-            f"got {header_length!r}"
+            f"{HEADER_LENGTH} must be the length of the JSON header, 1..{len(body)} bytes in "
+            f"ASCII digits; got {header_length[:40]!r}"
         )
-    try:
-        header = json.loads(body[:length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidTensor(f"the inference request is not valid JSON: {exc}") from exc
+    header = _json(body[:length])
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidTensor("the inference request must be a JSON object with a list 'inputs'")
+    _distinct_outputs(header.get("outputs"))
     binary = memoryview(body)[length:]
     offset = 0
     tensors = []

@@ -6,9 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 from unetpp.server.deps import StateDep
+from unetpp.server.security import AdminAllowed
 
 # an operator's endpoint, not part of the public API schema; behind the API key (app.py)
-router = APIRouter(prefix="/v1/admin", include_in_schema=False)
+router = APIRouter(prefix="/v1/admin", include_in_schema=False, dependencies=[AdminAllowed])
 
 
 @router.post(

@@ -114,7 +114,7 @@ def test_a_broken_repository_is_refused_with_the_reason(fault, tiny_repository, 
 def test_a_broken_repository_at_reload_keeps_the_old_one_serving(tiny_repository, tmp_path):
     repository = tmp_path / "models"
     shutil.copytree(tiny_repository, repository)
-    server = start(settings(repository))
+    server = start(settings(repository, admin_open=True))
     image = encode_png(synthetic(32, 32))
     try:
         served = server.client.get("/v1/models").json()["model"]
