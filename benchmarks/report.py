@@ -432,6 +432,71 @@ per second, p50 {served.get("p50_ms", "—")} ms, p99 {served.get("p99_ms", "—
 {plot(d, "rss", "Resident memory of the server process through the soak, overload and idle phases")}"""
 
 
+def attacks_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/attacks.py: each attack's memory, /healthz and normal latency, per tree."""
+
+    def gb(mb: float | None) -> str:
+        return "—" if mb is None else f"{mb / 1024:.2f}"
+
+    def probe(p: dict[str, Any]) -> str:
+        return f"{p['p99_ms']:.0f} ({p['answered']}/{p['sent']})"
+
+    def note(r: dict[str, Any]) -> str:
+        killed = f"**killed at {gb(r['killed_at_mb'])} GB**; " if r["killed_at_mb"] else ""
+        exited = "**server gone**; " if r["exited"] and not r["killed_at_mb"] else ""
+        return killed + exited + json.dumps(r["attack_saw"]).replace("|", "/")[:160]
+
+    parts = []
+    for label, run in d["runs"].items():
+        idle = run["idle"]
+        rows = [
+            [
+                r["attack"],
+                gb(r["peak_rss_mb"]),
+                gb(r["rss_after_mb"]),
+                probe(r["healthz"]),
+                probe(r["normal_256"]),
+                f"{r['log_bytes'] / 1e6:.2f}",
+                note(r),
+            ]
+            for r in run["rows"]
+        ]
+        rows.insert(
+            0,
+            [
+                "(idle)",
+                gb(idle["rss_mb"]),
+                "",
+                probe(idle["healthz"]),
+                probe(idle["normal_256"]),
+                "",
+                "",
+            ],
+        )
+        settings = ", ".join(f"`{k}={v}`" for k, v in run["settings"].items()) or "defaults"
+        parts.append(
+            f"""### {label}: `{run["tree"]}` at {run["commit"]}
+
+Settings: {settings}; the server's open-file limit {run["open_files"]}; watchdog at
+{run["rss_ceiling_gb"]} GB; repository `{run["models"]}`.
+
+{md_table(["attack", "peak RSS GB", "RSS after GB", "/healthz p99 ms (200s/sent)", "256x256 p99 ms (200s/sent)", "log MB", "what the attack saw"], rows)}"""
+        )
+    body = "\n\n".join(parts)
+    return f"""## Attacks (`attacks`)
+
+{run_facts(d)}
+
+Issue 20's attacks on a real server process, one after another (each for the seconds shown in
+the JSON), with probes running meanwhile: `/healthz` and a normal 256x256 PNG to `/v1/segment`
+(default mode), each in a closed loop with a 5 s timeout (a timeout or dropped connection counts
+as not answered and as 5 s). Peak RSS: VmHWM reset before each attack; RSS after: 3 s after it
+stopped. The load average of each attack is in the JSON.
+
+{body}
+"""
+
+
 # file stem -> its section's renderer; the order is the report's
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
@@ -441,6 +506,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "gpu": None,  # no results file yet: the section says why
     "docker_images": docker_section,
     "soak": soak_section,
+    "attacks": attacks_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
