@@ -198,12 +198,12 @@ def write(out: Path, item: Item, fmt: str, output: Output) -> Path:
 class Progress:
     """One stderr line, redrawn in place on a terminal; a summary line at the end."""
 
-    def __init__(self, total: int, stream: Any = sys.stderr) -> None:
+    def __init__(self, total: int, stream: Any = None) -> None:
         self.total = total
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.counts = {"written": 0, "skipped": 0, "failed": 0}
         self.start = time.monotonic()
-        self.live = stream.isatty()
+        self.live = self.stream.isatty()
         self._lock = threading.Lock()
 
     def line(self) -> str:
@@ -240,6 +240,8 @@ def local_runner(args: argparse.Namespace) -> Callable[[bytes], Output]:
     model = LocalModel.open(repository(args.models, args.model), threads=threads, tiles=tiles)
     choice = choice_of(args)
     task = model.manifest.task
+    if args.format not in task.formats:
+        raise UsageError(f"format {args.format!r}: this model answers {', '.join(task.formats)}")
 
     def run(data: bytes) -> Output:
         prediction = model.predict(decode_image(data), choice)
@@ -322,8 +324,14 @@ def process(
 
     try:
         write(out, item, fmt, run(item.read()))
-    except (UNetPPError, APIError) as exc:
-        return "failed", f"{item.where}: {getattr(exc, 'detail', exc)}"
+    except BadParameter:
+        raise  # the same for every image: the run stops
+    except APIError as exc:
+        if exc.error == "invalid_parameter":
+            raise UsageError(exc.detail) from exc
+        return "failed", f"{item.where}: {exc.detail}"
+    except UNetPPError as exc:
+        return "failed", f"{item.where}: {exc.detail}"
     except OSError as exc:
         return "failed", f"{item.where}: {exc.strerror or exc}"
     return "written", None
@@ -338,9 +346,13 @@ def predict(
 ) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(process, run, out, args.format, item) for item in todo]
-        for future in as_completed(futures):
-            outcome, message = future.result()
-            progress.add(outcome, message and f"unetpp predict: {message}")
+        try:
+            for future in as_completed(futures):
+                outcome, message = future.result()
+                progress.add(outcome, message and f"unetpp predict: {message}")
+        except BaseException:  # a usage error, Ctrl-C: nothing more starts
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def main(args: argparse.Namespace) -> int:
