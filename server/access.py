@@ -80,14 +80,15 @@ class AccessLog:
         rid = request_id(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
-        status, graph = 500, ""
+        status, model, graph = 500, "", ""
 
         async def tagged(message: Message) -> None:
-            nonlocal status, graph
+            nonlocal status, model, graph
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = rid
+                model = headers.get("x-unetpp-model", "")
                 graph = headers.get("x-unetpp-graph", "")
             await send(message)
 
@@ -101,7 +102,7 @@ class AccessLog:
             if status >= 400 and not error:
                 error = "internal_error" if status >= 500 else str(status)
             m = self.metrics
-            m.requests.labels(handler, method, str(status), graph).inc()
+            m.requests.labels(handler, method, str(status), model, graph).inc()
             m.request_seconds.labels(handler, method).observe(seconds)
             if error:
                 m.errors.labels(handler, str(status), error).inc()
@@ -110,6 +111,7 @@ class AccessLog:
                 "path": capped(scope["path"]),
                 "status": status,
                 "error": error,
+                "model": model,
                 "graph": graph,
                 "ms": round(1000.0 * seconds, 1),
             }

@@ -14,10 +14,11 @@ from unetpp.server.access import AccessLog
 from unetpp.server.connections import BodyDeadline, ConnectionGuard
 from unetpp.server.deps import Authorized
 from unetpp.server.errors import BodyTooLarge, error_response, install_handlers
+from unetpp.server.jobs import Jobs, JobSettings
 from unetpp.server.metrics import Metrics
-from unetpp.server.routers import admin, health, metrics, models, segment, v2, web
+from unetpp.server.registry import Registry
+from unetpp.server.routers import admin, health, jobs, metrics, models, segment, v2, web
 from unetpp.server.settings import Settings
-from unetpp.server.state import ServerState
 
 from unetpp import __version__
 
@@ -34,14 +35,16 @@ page and (unless `UNETPP_METRICS_AUTH`) metrics needs `Authorization: Bearer <ke
 
 class BodyLimit:
     """Refuse bodies above `limit` bytes: by Content-Length before reading, and while streaming
-    (a missing or lying Content-Length) by failing the read."""
+    (a missing or lying Content-Length) by failing the read. Paths in `exempt` enforce their
+    own limit (job uploads, streamed to disk)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         detail = f"request body above the limit of {self.limit} bytes"
@@ -86,16 +89,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServerState(settings, telemetry)
-        app.state.server = state
-        loading = asyncio.create_task(state.load())
+        registry = Registry(settings, telemetry)
+        app.state.registry = registry
+        loading = asyncio.create_task(registry.start())
+        app.state.jobs = await asyncio.to_thread(Jobs.from_settings, JobSettings(), settings.models)
+        if app.state.jobs is not None:
+            await app.state.jobs.start()
         try:
             yield
         finally:
+            if app.state.jobs is not None:
+                await app.state.jobs.close()
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
-            await state.close()
+            await registry.close()
 
     app = FastAPI(
         title="unetpp",
@@ -107,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.connections = connections
     install_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/v1/jobs",))
     app.add_middleware(
         BodyDeadline, grace_s=settings.body_timeout_s, min_rate=settings.min_body_rate
     )
@@ -116,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guard = [Authorized] if settings.api_key is not None else []
     for public in (health.router, web.router, v2.public):
         app.include_router(public)
-    for protected in (models.router, segment.router, v2.router, admin.router):
+    for protected in (models.router, segment.router, v2.router, jobs.router):
         app.include_router(protected, dependencies=guard)
+    for admin_only in (admin.router, v2.repository):  # AdminAllowed: the key, or admin_open
+        app.include_router(admin_only)
     app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])
     return app

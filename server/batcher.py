@@ -4,9 +4,13 @@
 tasks (`workers` of them) take the queue whose oldest item waited longest, up to `max_batch`
 items, and run them in a thread (onnxruntime releases the GIL), so the event loop never blocks.
 A batch waits for more items (at most `max_wait_ms`) only while other admitted requests are
-still being decoded and could join it (`preparing`); a lone request runs at once, and under load
-batches fill from what piled up while the previous one ran. Items whose deadline has passed or
-whose caller gave up are dropped before running.
+still being decoded and could join it (the gate's `preparing`); a lone request runs at once, and
+under load batches fill from what piled up while the previous one ran. A batch takes only as
+many items as the memory budget has room for (`cost(graph, shape)` bytes each) and waits while
+it has none. Items whose deadline has passed or whose caller gave up are dropped before running.
+
+The batcher holds no reference to its owner: `run` and `on_batch` are plain functions of the
+engine's parts, so a retired engine is freed as soon as its last request ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from unetpp.core.errors import UNetPPError
+from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.errors import DeadlineExceeded, NotReady
 
 log = logging.getLogger(__name__)
@@ -70,11 +75,18 @@ class Batcher:
         max_batch: int,
         max_wait_ms: float,
         workers: int,
+        gate: Gate,
+        budget: MemoryBudget,
+        cost: Callable[[str, tuple[int, ...]], int],
         on_batch: Callable[[str, int, int, float], None] | None = None,
     ) -> None:
         """`run(graph, batch)` -> logits (N, K, H, W), called in a worker thread;
+        `cost(graph, shape)` -> activation bytes of one input of that CxHxW shape;
         `on_batch(graph, size, pixels, run_ms)` after each batch, on the event loop."""
         self._run = run
+        self._gate = gate
+        self._budget = budget
+        self._cost = cost
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.workers = workers
@@ -84,14 +96,16 @@ class Batcher:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="unetpp-infer")
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
-        self.preparing = 0  # admitted requests that may still submit work
         self.backlog_ms = 0.0  # predicted time of everything queued or running
         self.stats: dict[str, GraphStats] = {}
 
     def start(self) -> None:
+        self._gate.listen(self._changed)
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
     async def close(self) -> None:
+        if self._tasks:
+            self._gate.forget(self._changed)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -131,18 +145,18 @@ class Batcher:
                 key = min(waiting, key=lambda k: self._queues[k][0].enqueued)
                 queue = self._queues[key]
                 left = queue[0].enqueued + self.max_wait - time.monotonic()
-                if len(queue) >= self.max_batch or self.preparing <= 0 or left <= 0:
+                if len(queue) >= self.max_batch or self._gate.preparing <= 0 or left <= 0:
                     return key
                 timeout = left
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def _take(self, key: Key) -> list[_Item]:
+    def _take(self, key: Key, most: int) -> list[_Item]:
         queue = self._queues[key]
         items: list[_Item] = []
         now = time.monotonic()
-        while queue and len(items) < self.max_batch:
+        while queue and len(items) < most:
             item = queue.popleft()
             if item.future.done():  # the caller gave up
                 self.backlog_ms -= item.predicted_ms
@@ -167,10 +181,16 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             graph, shape = key = await self._next_key()
-            items = self._take(key)
+            cost = self._cost(graph, shape)
+            room = self._budget.room(cost, self.max_batch)
+            if not room:
+                await self._budget.freed()
+                continue
+            items = self._take(key, room)
             if not items:
                 continue
             batch_id = next(self._ids)
+            self._budget.take(cost * len(items))
             try:
                 out, start, run_ms = await loop.run_in_executor(
                     self._executor, self._timed_run, graph, [item.x for item in items]
@@ -187,6 +207,7 @@ class Batcher:
                         item.future.set_exception(failure)
                 continue
             finally:
+                self._budget.release(cost * len(items))
                 self.backlog_ms = max(0.0, self.backlog_ms - sum(i.predicted_ms for i in items))
             self.stats.setdefault(graph, GraphStats()).add(len(items))
             if self._on_batch is not None:

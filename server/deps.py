@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from unetpp.server.errors import Unauthorized
-from unetpp.server.service import Service
+from unetpp.server.registry import Registry
 from unetpp.server.settings import Settings
-from unetpp.server.state import ServerState
 
 
-def get_state(request: Request) -> ServerState:
-    return request.app.state.server
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
 
 
-StateDep = Annotated[ServerState, Depends(get_state)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
 
 
-def get_settings(state: StateDep) -> Settings:
-    return state.settings
-
-
-async def get_service(state: StateDep) -> AsyncIterator[Service]:
-    """The serving service, leased for the whole request: a hot reload swaps in a new one, and
-    the old one is closed only after every request holding it has finished."""
-    with state.current().lease() as service:
-        yield service
+def get_settings(registry: RegistryDep) -> Settings:
+    return registry.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ServiceDep = Annotated[Service, Depends(get_service)]
 
 _bearer = HTTPBearer(auto_error=False, description="UNETPP_API_KEY")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]

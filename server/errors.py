@@ -52,6 +52,20 @@ class QueueFull(Unavailable):
     error = "queue_full"
 
 
+class ModelNotFound(UNetPPError):
+    """A model name (or a model's version) that this server does not hold."""
+
+    status_code = 404
+    error = "model_not_found"
+
+
+class LoadFailed(UNetPPError):
+    """A model that could not be loaded; what served before keeps serving."""
+
+    status_code = 422
+    error = "load_failed"
+
+
 class Unauthorized(UNetPPError):
     """A missing or wrong bearer token (the server has UNETPP_API_KEY set)."""
 

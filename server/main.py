@@ -5,7 +5,8 @@ environment (`UNETPP_*`), then uvicorn, with the operations signals:
   balancers still route to it until they see that), then uvicorn stops accepting connections,
   answers every request in flight (up to the request timeout), closes the model and exits.
   The process then exits with status 0. A second SIGTERM, or SIGINT (Ctrl+C), skips the delay.
-- SIGHUP: reload the model repository, like POST /v1/admin/reload.
+- SIGHUP: reload every model of the repository, like POST /v1/admin/reload; a storm of
+  signals coalesces into at most one running and one pending reload per model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
-from unetpp.core.errors import InvalidInput, UNetPPError
+from unetpp.core.errors import InvalidInput
 from unetpp.server.app import create_app
 from unetpp.server.connections import BACKLOG, raise_open_file_limit
 from unetpp.server.settings import Settings
@@ -58,9 +59,9 @@ class Server(uvicorn.Server):
         self.reload_wanted = True  # picked up by on_tick, on the event loop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = getattr(self.app.state, "server", None)
-        if state is not None and not state.draining:
-            state.draining = True
+        registry = getattr(self.app.state, "registry", None)
+        if registry is not None and not registry.draining:
+            registry.draining = True
             log.info("signal %s: not ready any more, draining", signal.Signals(sig).name)
             if sig == signal.SIGTERM:  # a drained server exits with status 0
                 self.drain_at = time.monotonic() + self.drain_delay_s
@@ -78,8 +79,8 @@ class Server(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def _reload(self) -> None:
-        with contextlib.suppress(UNetPPError):  # a failed reload is logged and changes nothing
-            await self.app.state.server.reload()
+        # a model that fails to reload is logged and keeps its old version; reloads coalesce
+        await self.app.state.registry.reload_all()
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

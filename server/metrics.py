@@ -29,8 +29,9 @@ class Metrics:
 
         self.requests = counter(
             "unetpp_requests",
-            "HTTP requests answered, by route template, method, status and the graph that served",
-            ["handler", "method", "status", "graph"],
+            "HTTP requests answered, by route template, method, status, and the model and graph "
+            "that served",
+            ["handler", "method", "status", "model", "graph"],
         )
         self.errors = counter(
             "unetpp_request_errors",
@@ -41,10 +42,12 @@ class Metrics:
             "unetpp_routes",
             "graphs chosen, by routing policy (a mode, level, max_latency_ms, min_iou, graph) "
             "and whether the budget or accuracy floor was missed",
-            ["policy", "graph", "missed"],
+            ["model", "policy", "graph", "missed"],
         )
         self.reloads = counter(
-            "unetpp_reloads", "model repository reloads, by result (ok, failed)", ["result"]
+            "unetpp_reloads",
+            "model (re)loads, by model and result (ok, failed)",
+            ["model", "result"],
         )
         self.request_seconds = histogram(
             "unetpp_request_duration_seconds",
@@ -54,18 +57,18 @@ class Metrics:
         self.queue_seconds = histogram(
             "unetpp_queue_wait_seconds",
             "per request: time its inputs waited in the batcher before their batch ran",
-            ["graph"],
+            ["model", "graph"],
         )
         self.inference_seconds = histogram(
-            "unetpp_inference_seconds", "per batch: onnxruntime time", ["graph"]
+            "unetpp_inference_seconds", "per batch: onnxruntime time", ["model", "graph"]
         )
         self.batch_size = histogram(
-            "unetpp_batch_size", "inputs per batch", ["graph"], buckets=BATCH_SIZES
+            "unetpp_batch_size", "inputs per batch", ["model", "graph"], buckets=BATCH_SIZES
         )
 
-    def batch(self, graph: str, size: int, run_ms: float) -> None:
-        self.batch_size.labels(graph).observe(size)
-        self.inference_seconds.labels(graph).observe(run_ms / 1000.0)
+    def batch(self, model: str, graph: str, size: int, run_ms: float) -> None:
+        self.batch_size.labels(model, graph).observe(size)
+        self.inference_seconds.labels(model, graph).observe(run_ms / 1000.0)
 
     def watch(self, read: Callable[[], Iterator[Metric]]) -> None:
         """Register gauges computed at scrape time by `read`."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from unetpp.core.inference import create_session, run_batch
+from unetpp.core.inference import create_session, run_batch, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.server.errors import NotReady
@@ -36,9 +36,10 @@ class Runner:
 
     graph: Graph
     session: ort.InferenceSession
+    options: ort.RunOptions | None = None  # the arena's shrinkage, when it is on (CPU)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return run_batch(self.session, batch, self.graph.output)
+        return run_batch(self.session, batch, self.graph.output, self.options)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def load_model(
         device, directory / manifest.graphs[0].file, manifest.in_channels, threads
     )
     on_cuda = providers[0] == CUDA
+    options = shrinking_arena() if memory_arena and not on_cuda else None
     sessions: dict[str, ort.InferenceSession] = {}
     runners: dict[str, Runner] = {}
     for graph in manifest.graphs:
@@ -100,7 +102,7 @@ def load_model(
                 providers=providers,
                 memory_arena=memory_arena,
             )
-        runners[graph.name] = Runner(graph, sessions[graph.file])
+        runners[graph.name] = Runner(graph, sessions[graph.file], options)
     if not runners:
         raise NotReady(f"{directory}: no graph can be served on {providers[0]}")
     log.info(

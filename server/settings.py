@@ -18,7 +18,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="UNETPP_", frozen=True)
 
-    models: Path | None = Field(None, description="model repository folder (model.json + graphs)")
+    models: Path | None = Field(
+        None,
+        description="model repository: one model (model.json + graphs) or a folder of them "
+        "(<name>/model.json)",
+    )
+    default_model: str | None = Field(
+        None, description="the model plain /v1/segment serves (default: the only one)"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Device = "auto"
@@ -34,6 +41,18 @@ class Settings(BaseSettings):
     timeout_ms: float = Field(30_000, gt=0, description="default and largest request deadline")
 
     max_body_bytes: int = Field(64 << 20, ge=1)
+    max_body_bytes_in_flight: int = Field(
+        256 << 20,
+        ge=1,
+        description="bytes of request bodies held at once; more get 503 (one alone is always "
+        "taken: `max_body_bytes` bounds it)",
+    )
+    memory_limit: int | None = Field(
+        None,
+        ge=1,
+        description="memory ceiling in bytes that the activation budget keeps the process under "
+        "(default: the container's cgroup limit, else 4 GiB)",
+    )
     max_pixels: int = Field(40_000_000, ge=1)
     max_side: int = Field(16_384, ge=1)
     max_pixels_in_flight: int = Field(

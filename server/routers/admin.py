@@ -1,30 +1,36 @@
-"""POST /v1/admin/reload: load the configured model repository again and swap it in."""
+"""POST /v1/admin/reload: load every model of the repository again (after an operator replaced
+them on disk) and swap each in; the same as sending the server SIGHUP. One model's control is
+the repository extension's (/v2/repository/models/{name}/load and /unload)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
-from unetpp.server.deps import StateDep
+from unetpp.server.deps import RegistryDep
 from unetpp.server.security import AdminAllowed
 
-# an operator's endpoint, not part of the public API schema; behind the API key (app.py)
+# an operator's endpoint, not part of the public API schema
 router = APIRouter(prefix="/v1/admin", include_in_schema=False, dependencies=[AdminAllowed])
 
 
 @router.post(
     "/reload",
-    summary="Reload the model repository (UNETPP_MODELS) after it was replaced on disk",
-    responses={422: {"description": "the repository does not load; the old one keeps serving"}},
+    summary="Reload every model of the repository (UNETPP_MODELS) after it changed on disk",
 )
-async def reload(state: StateDep) -> dict[str, Any]:
-    """Loads, verifies and calibrates the repository beside the serving one, then swaps it in;
-    requests already running finish on the old model. Same as sending the server SIGHUP."""
-    service = await state.reload()
-    manifest = service.model.manifest
+async def reload(registry: RegistryDep) -> dict[str, Any]:
+    """Each model loads beside its serving version, then swaps in; requests already running
+    finish on the old one. A model that fails keeps serving its old version (its state says
+    why). Concurrent reloads coalesce: while one runs, all further requests share the next."""
+    await registry.reload_all()
     return {
         "status": "reloaded",
-        "model": {"name": manifest.name, "version": manifest.version},
-        "graphs": list(service.runners),
-        "directory": str(service.model.directory),
+        "models": {
+            name: {
+                "state": slot.state,
+                "version": str(slot.engine.model.manifest.version) if slot.engine else None,
+                "error": slot.error,
+            }
+            for name, slot in registry.slots.items()
+        },
     }

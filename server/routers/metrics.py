@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from unetpp.server.deps import StateDep
+from unetpp.server.deps import RegistryDep
 
 router = APIRouter(tags=["operations"], include_in_schema=False)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(state: StateDep) -> Response:
-    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(registry: RegistryDep) -> Response:
+    return Response(registry.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,25 +1,25 @@
-"""POST /v1/segment: one image in, a mask (or probabilities) out, from the graph the request's
-routing parameters choose."""
+"""POST /v1/segment and /v1/models/{model}/segment: one image in, a mask (label map,
+probabilities, ...) out, from the graph the request's routing parameters choose."""
 
 from __future__ import annotations
 
-import asyncio
-import time
+from functools import partial
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from unetpp.core.errors import BadParameter
-from unetpp.core.inference import logit_threshold
-from unetpp.core.manifest import Graph
-from unetpp.core.routing import Choice, Mode, Precision, Route
-from unetpp.server import encoders
-from unetpp.server.deps import ServiceDep
+from unetpp.core.render import render
+from unetpp.core.routing import Choice, Mode, Precision
+from unetpp.server import facade
+from unetpp.server.admission import BodyHold
+from unetpp.server.deps import RegistryDep
 from unetpp.server.errors import UnsupportedMediaType
-from unetpp.server.service import Inference
+from unetpp.server.facade import Outcome
+from unetpp.server.registry import Registry
+from unetpp.server.schemas import GraphRef, RouteInfo, SegmentResult, Timings
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
@@ -59,13 +59,23 @@ class RouteParams(BaseModel):
 class SegmentParams(RouteParams):
     """The routing parameters, plus the output format."""
 
-    format: Literal["png", "json", "overlay", "probabilities"] = Field(
-        "png",
-        description="png: 0/255 mask; json: RLE mask, area, bbox, graph, timings; overlay: the "
-        "image with the mask drawn; probabilities: see `encoding`",
+    format: Literal["png", "json", "overlay", "probabilities", "instances", "geojson", "coco"] = (
+        Field(
+            "png",
+            description="png: 0/255 mask (multi-class: 8-bit label map, 0 background); json: "
+            "RLE mask, area, bbox (multi-class: per class), graph, timings; overlay: the image "
+            "with the mask (each class) drawn in its colour; probabilities: see `encoding`. "
+            "Binary models only, separate objects (touching ones split): instances: 16-bit PNG "
+            "label image (0 background, 1..N); geojson: FeatureCollection, one Polygon per "
+            "object in pixel coordinates (QuPath detections: objectType, classification, area, "
+            "probability); coco: COCO images/annotations/categories with compressed RLE masks, "
+            "bbox, area, score",
+        )
     )
     encoding: Literal["png16", "npy"] = Field(
-        "png16", description="for format=probabilities: 16-bit PNG (p * 65535) or float32 NPY"
+        "png16",
+        description="for format=probabilities: 16-bit PNG, p * 65535 (multi-class: a 16-bit TIFF, "
+        "one page per class), or float32 NPY [H, W] (multi-class: [K, H, W])",
     )
 
 
@@ -87,7 +97,8 @@ REQUEST_BODY: dict[str, Any] = {
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The result; headers X-UNetPP-Graph, -Level, -Precision, -Route-Reason, "
+        "model": SegmentResult,
+        "description": "The result; headers X-UNetPP-Model, -Graph, -Level, -Precision, -Route-Reason, "
         "-Inference-Ms, -Queue-Ms (and -Target-Missed when a budget or floor was missed)",
         "content": {
             "image/png": {},
@@ -104,118 +115,103 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def read_image_bytes(request: Request) -> bytes:
+async def _stream(request: Request, hold: BodyHold) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        hold.grow(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image_bytes(request: Request, hold: BodyHold) -> bytes:
+    """The image of a /v1 request (multipart field `image`, or the raw body), held against the
+    budget of bodies in flight as it arrives."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
                 raise BadParameter("the multipart body needs a file field named 'image'")
+            hold.grow(upload.size or 0)
             return await upload.read()
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return await request.body()
+        return await _stream(request, hold)
     raise UnsupportedMediaType(
         f"content type {content_type or '(none)'!r}: send the image as multipart field 'image' "
         f"or as the body with an image content type ({', '.join(IMAGE_TYPES)})"
     )
 
 
-@router.post(
-    "/segment",
-    summary="Segment one image",
-    openapi_extra={"requestBody": REQUEST_BODY},
-    responses=RESPONSES,
-    response_class=Response,
-)
+def _answer(params: SegmentParams, outcome: Outcome) -> Response:
+    """Render one image's result in the requested format (in a thread: see facade)."""
+    engine, prepared = outcome.engine, outcome.prepared[0]
+    manifest = engine.model.manifest
+    rendered = render(
+        manifest.task,
+        outcome.results[0].logits,
+        prepared.image,
+        params.format,
+        encoding=params.encoding,
+    )
+    headers = outcome.headers()
+    if params.format != "json":
+        return Response(rendered.content, media_type=rendered.media_type, headers=headers)
+    graph = outcome.graph
+    assert isinstance(rendered.content, dict)
+    body = SegmentResult(
+        model=engine.name,
+        width=int(prepared.image.shape[1]),
+        height=int(prepared.image.shape[0]),
+        graph=GraphRef(
+            name=graph.name, level=graph.level, precision=graph.precision, output=graph.output
+        ),
+        route=RouteInfo.of(outcome.route),
+        threshold=manifest.threshold,
+        mask=rendered.content,
+        timings=Timings(**outcome.timings()),
+    )
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+async def _segment(
+    request: Request, params: SegmentParams, registry: Registry, model: str | None
+) -> Response:
+    registry.slot(model)  # an unknown model is a 404 before the body is read
+    async with registry.gate.receiving() as hold:
+        data = await read_image_bytes(request, hold)
+        return await facade.segment(
+            registry,
+            model,
+            facade.EncodedImage(data),
+            params.choice(),
+            partial(_answer, params),
+            deadline_ms=params.deadline_ms,
+        )
+
+
+SEGMENT = {
+    "openapi_extra": {"requestBody": REQUEST_BODY},
+    "responses": RESPONSES,
+    "response_class": Response,
+}
+
+
+@router.post("/segment", summary="Segment one image with the default model", **SEGMENT)
 async def segment(
-    request: Request,
-    params: Annotated[SegmentParams, Query()],
-    service: ServiceDep,
+    request: Request, params: Annotated[SegmentParams, Query()], registry: RegistryDep
 ) -> Response:
     """Decode, preprocess (the manifest's recipe), choose a graph, run it batched with other
-    requests (tiled above the size limit), threshold and encode. The mask has the input's size."""
-    start = time.monotonic()
-    manifest = service.model.manifest
-    async with service.admit(params.deadline_ms) as admission:
-        data = await read_image_bytes(request)
-        prepared = await asyncio.to_thread(service.prepare, data, admission)
-        plan = service.plan(prepared)
-        route = service.route(params.choice(), plan)
-        admission.submitting()
-        result = await service.infer(route.graph, prepared, plan, admission.deadline)
-        cut = logit_threshold(manifest.threshold)
-        mask, content, media_type = await asyncio.to_thread(
-            _render, params, prepared.image, result.logits[0], cut
-        )
-        graph = service.runners[route.graph].graph
-        headers = route_headers(graph, route, result)
-        if params.format == "json":
-            timings = {
-                "queue_ms": round(result.queue_ms, 3),
-                "inference_ms": round(result.inference_ms, 3),
-                "total_ms": round(1000.0 * (time.monotonic() - start), 3),
-                "batches": result.batches,
-                "largest_batch": result.largest_batch,
-                "tiles": plan.tiles,
-            }
-            body = {
-                "width": int(mask.shape[1]),
-                "height": int(mask.shape[0]),
-                "graph": {
-                    "name": graph.name,
-                    "level": graph.level,
-                    "precision": graph.precision,
-                    "output": graph.output,
-                },
-                "route": route_json(route),
-                "threshold": manifest.threshold,
-                "mask": content,
-                "timings": timings,
-            }
-            # rendering a large mask's RLE takes a while: off the event loop too
-            return await asyncio.to_thread(JSONResponse, body, headers=headers)
-        return Response(content, media_type=media_type, headers=headers)
+    requests (tiled when large), decide and render. The result has the input's size."""
+    return await _segment(request, params, registry, None)
 
 
-def route_headers(graph: Graph, route: Route, result: Inference) -> dict[str, str]:
-    headers = {
-        "X-UNetPP-Graph": graph.name,
-        "X-UNetPP-Level": str(graph.level),
-        "X-UNetPP-Precision": graph.precision,
-        "X-UNetPP-Route-Reason": route.reason,
-        "X-UNetPP-Inference-Ms": f"{result.inference_ms:.3f}",
-        "X-UNetPP-Queue-Ms": f"{result.queue_ms:.3f}",
-    }
-    if route.missed:
-        headers["X-UNetPP-Target-Missed"] = route.rule
-    return headers
-
-
-def route_json(route: Route) -> dict[str, Any]:
-    return {
-        "rule": route.rule,
-        "reason": route.reason,
-        "missed": route.missed,
-        "queue_ms": route.queue_ms,
-        "candidates": [
-            {"name": c.name, "iou": c.iou, "predicted_ms": c.predicted_ms} for c in route.candidates
-        ],
-    }
-
-
-def _render(
-    params: SegmentParams, image: np.ndarray, logits: np.ndarray, cut: float
-) -> tuple[np.ndarray, Any, str]:
-    """Threshold and encode in one go (one thread hop): the mask, the content, its media type
-    (for format=json the content is the mask's JSON object)."""
-    mask = logits > cut
-    if params.format == "json":
-        return mask, encoders.mask_json(mask), "application/json"
-    if params.format == "png":
-        return mask, encoders.mask_png(mask), "image/png"
-    if params.format == "overlay":
-        return mask, encoders.overlay_png(image, mask), "image/png"
-    probabilities = encoders.sigmoid(logits)
-    if params.encoding == "npy":
-        return mask, encoders.probabilities_npy(probabilities), "application/x-npy"
-    return mask, encoders.probabilities_png16(probabilities), "image/png"
+@router.post("/models/{model}/segment", summary="Segment one image with a named model", **SEGMENT)
+async def segment_with(
+    model: str,
+    request: Request,
+    params: Annotated[SegmentParams, Query()],
+    registry: RegistryDep,
+) -> Response:
+    """As /v1/segment, with the model named in the path (GET /v1/models lists them)."""
+    return await _segment(request, params, registry, model)

@@ -8,8 +8,32 @@ import time
 
 import numpy as np
 import pytest
+from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.batcher import Batcher
 from unetpp.server.errors import DeadlineExceeded
+
+
+def batcher_for(
+    run,
+    *,
+    max_batch: int,
+    max_wait_ms: float,
+    preparing: int = 0,
+    budget: MemoryBudget | None = None,
+) -> Batcher:
+    """A batcher with its own gate (`preparing` requests still being decoded) and a memory
+    budget (unlimited unless given; each input costs one byte per pixel)."""
+    gate = Gate(max_queue=64, timeout_ms=1000, max_pixels_in_flight=1, max_body_bytes_in_flight=1)
+    gate.preparing = preparing
+    return Batcher(
+        run,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        workers=1,
+        gate=gate,
+        budget=budget or MemoryBudget(1 << 40),
+        cost=lambda graph, shape: shape[-1] * shape[-2],
+    )
 
 
 def run_slowly(seconds: float):
@@ -26,7 +50,7 @@ def run_slowly(seconds: float):
 def test_items_of_one_graph_and_shape_batch_up_to_max_batch():
     async def scenario():
         run, threads = run_slowly(0.01)
-        batcher = Batcher(run, max_batch=2, max_wait_ms=0, workers=1)
+        batcher = batcher_for(run, max_batch=2, max_wait_ms=0)
         batcher.start()
         xs = [np.full((3, 16, 16), i, np.float32) for i in range(3)]
         futures = [
@@ -51,8 +75,7 @@ def test_items_of_one_graph_and_shape_batch_up_to_max_batch():
 def test_a_batch_waits_for_requests_still_preparing_but_not_for_none():
     async def scenario(preparing: int):
         run, _ = run_slowly(0.0)
-        batcher = Batcher(run, max_batch=8, max_wait_ms=300, workers=1)
-        batcher.preparing = preparing
+        batcher = batcher_for(run, max_batch=8, max_wait_ms=300, preparing=preparing)
         batcher.start()
         first = batcher.submit(
             "L1", np.zeros((1, 16, 16), np.float32), deadline=time.monotonic() + 10, predicted_ms=1
@@ -72,7 +95,7 @@ def test_a_batch_waits_for_requests_still_preparing_but_not_for_none():
 def test_an_item_whose_deadline_passed_in_the_queue_is_dropped():
     async def scenario():
         run, _ = run_slowly(0.2)
-        batcher = Batcher(run, max_batch=8, max_wait_ms=0, workers=1)
+        batcher = batcher_for(run, max_batch=8, max_wait_ms=0)
         batcher.start()
         now = time.monotonic()
         slow = batcher.submit(
@@ -90,3 +113,51 @@ def test_an_item_whose_deadline_passed_in_the_queue_is_dropped():
     (slow, late), batcher = asyncio.run(scenario())
     assert slow.batch_size == 1 and isinstance(late, DeadlineExceeded)
     assert "L1" not in batcher.stats  # never ran
+
+
+def test_batches_take_only_what_the_memory_budget_has_room_for():
+    """Five 16x16 inputs (256 bytes each here) under a budget of 600 bytes: batches of 2, 2, 1,
+    and the bytes in use never pass the budget while a batch runs."""
+    budget = MemoryBudget(600)
+    seen: list[int] = []
+
+    def run(graph: str, batch: np.ndarray) -> np.ndarray:
+        seen.append(budget.in_use)
+        time.sleep(0.02)
+        return batch
+
+    async def scenario():
+        batcher = batcher_for(run, max_batch=8, max_wait_ms=0, budget=budget)
+        futures = [
+            batcher.submit(
+                "L4",
+                np.zeros((1, 16, 16), np.float32),
+                deadline=time.monotonic() + 10,
+                predicted_ms=1,
+            )
+            for _ in range(5)
+        ]
+        batcher.start()
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert sorted(r.batch_size for r in results) == [1, 2, 2, 2, 2]
+    assert seen == [512, 512, 256] and budget.in_use == 0
+
+
+def test_an_input_above_the_whole_budget_still_runs_alone():
+    """A budget that shrank below an admitted input must not stall it: with nothing running,
+    one input is always taken."""
+    budget = MemoryBudget(100)
+
+    async def scenario():
+        batcher = batcher_for(lambda graph, batch: batch, max_batch=8, max_wait_ms=0, budget=budget)
+        batcher.start()
+        x = np.zeros((1, 16, 16), np.float32)
+        result = await batcher.submit("L4", x, deadline=time.monotonic() + 10, predicted_ms=1)
+        await batcher.close()
+        return result
+
+    assert asyncio.run(scenario()).batch_size == 1

@@ -19,7 +19,16 @@ from unetpp.core.tiling import starts
 
 from tests.core.test_render import unrle
 
-from .conftest import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, settings, start, stop, synthetic
+from .conftest import (
+    TILE_ABOVE,
+    TILE_OVERLAP,
+    TILE_SIZE,
+    LiveServer,
+    settings,
+    start,
+    stop,
+    synthetic,
+)
 
 ROUTE_HEADERS = (
     "x-unetpp-graph",
@@ -46,6 +55,12 @@ def reference_logits(repository, graph_name: str, image: np.ndarray) -> np.ndarr
 def route_of(response) -> dict:
     assert response.status_code == 200, response.text
     return response.json()["route"]
+
+
+def graph_info(live: LiveServer, name: str) -> dict:
+    """One graph of the (only) model in GET /v1/models."""
+    (model,) = live.client.get("/v1/models").json()["models"]
+    return next(g for g in model["graphs"] if g["name"] == name)
 
 
 # ---- start-up, health, models ---------------------------------------------------------------
@@ -292,9 +307,9 @@ def test_the_predictor_learns_from_traffic(live):
     image = encode_png(synthetic(48, 208))  # 48 x 208: a pixel count nothing calibrated
     for _ in range(3):
         assert live.segment(image, level=1).status_code == 200
-    l1 = next(g for g in live.client.get("/v1/models").json()["graphs"] if g["name"] == "L1")
-    assert str(48 * 208) in l1["latency_ms"]["live"]
-    assert l1["served"]["observations"] >= 3 and l1["served"]["requests"] >= 3
+    l1 = graph_info(live, "L1")
+    assert str(48 * 208) in l1["latency_ms"]["known"]
+    assert l1["latency_ms"]["observations"] >= 3 and l1["served"]["requests"] >= 3
 
 
 # ---- batching, tiling -------------------------------------------------------------------------
@@ -320,7 +335,7 @@ def test_concurrent_requests_are_batched(live, image_png):
     for r in results:  # batching does not change a result
         mask = r.json()["mask"]
         np.testing.assert_array_equal(unrle(mask["counts"], tuple(mask["size"])), single == 255)
-    l1 = next(g for g in live.client.get("/v1/models").json()["graphs"] if g["name"] == "L1")
+    l1 = graph_info(live, "L1")
     assert l1["served"]["max_batch"] > 1
     assert l1["served"]["images"] > l1["served"]["batches"]
 
@@ -398,6 +413,7 @@ def strict(tiny_repository):
             tiny_repository,
             max_queue=1,
             max_body_bytes=200_000,
+            max_body_bytes_in_flight=6_000,
             max_pixels=300 * 300,
             max_side=400,
             memory_arena=False,
@@ -453,26 +469,31 @@ def test_limits_give_413(strict):
     assert strict.segment(encode_png(synthetic(64, 64))).status_code == 200
 
 
-def test_full_queue_gives_503_with_retry_after(strict, image_png):
-    sock = slow_upload(strict.url, "format=json", len(image_png), image_png[:100])
+def test_bodies_in_flight_are_bounded_503_with_retry_after(strict, image_png):
+    """A slow upload holds the bytes it sent (not a queue slot); another body that would pass
+    `max_body_bytes_in_flight` is refused at once, and served again once the first is done."""
+    assert len(image_png) > 6_000
+    sock = slow_upload(strict.url, "format=json", len(image_png), image_png[:4_000])
     deadline = time.monotonic() + 10
-    while strict.client.get("/v1/models").json()["queue"]["in_flight"] < 1:
+    while strict.client.get("/v1/models").json()["queue"]["body_bytes_in_flight"] < 4_000:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    assert strict.client.get("/v1/models").json()["queue"]["in_flight"] == 0
     r = strict.segment(image_png)
     assert (r.status_code, r.json()["error"]) == (503, "queue_full")
     assert int(r.headers["retry-after"]) >= 1
-    sock.sendall(image_png[100:])
+    sock.sendall(image_png[4_000:])
     status, _, body = read_response(sock)
-    assert status == 200 and json.loads(body)["width"] == 130  # the admitted one is served
-    assert strict.segment(image_png).status_code == 200  # and the queue has room again
+    assert status == 200 and json.loads(body)["width"] == 130  # the slow one is served
+    assert strict.segment(image_png).status_code == 200  # and the budget has room again
+    assert strict.client.get("/v1/models").json()["queue"]["body_bytes_in_flight"] == 0
 
 
-def test_deadline_gives_504(strict, image_png):
-    sock = slow_upload(strict.url, "deadline_ms=300", len(image_png), image_png[:100])
-    status, _, body = read_response(sock)  # the body never completes
-    assert status == 504 and json.loads(body)["error"] == "deadline_exceeded"
-    assert strict.segment(image_png, deadline_ms=60_000).status_code == 200
+def test_deadline_gives_504(strict):
+    large = encode_png(synthetic(300, 300))  # tiled: several runs, far more than 1 ms
+    r = strict.segment(large, deadline_ms=1)
+    assert (r.status_code, r.json()["error"]) == (504, "deadline_exceeded")
+    assert strict.segment(large, deadline_ms=60_000).status_code == 200
 
 
 # ---- no torch ---------------------------------------------------------------------------------

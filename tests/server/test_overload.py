@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from unetpp.core.imageio import encode_png
+from unetpp.server.admission import Gate
+from unetpp.server.engine import Engine
 from unetpp.server.errors import DeadlineExceeded, QueueFull
 from unetpp.server.metrics import Metrics
+from unetpp.server.registry import Registry
 from unetpp.server.runtime import load_model
-from unetpp.server.service import Service
 
 from .conftest import settings, start, stop, synthetic
 
@@ -148,30 +150,31 @@ def test_the_pixel_budget_bounds_the_images_held_at_once(tiny_repository):
     """Six 35 kB PNGs of 6000x6000 zeros, each within max_pixels, took a server from 0.4 to
     2.8 GB at once; the budget refuses the ones that do not fit with 503, like a full queue."""
     budget = 300 * 300
-    service = Service(
-        load_model(tiny_repository, "cpu", 1),
-        settings(tiny_repository, max_pixels_in_flight=budget),
-        Metrics(),
-    )
     big, small = encode_png(synthetic(200, 300)), encode_png(synthetic(64, 64))
 
     async def scenario() -> None:
-        async with service.admit() as first:
-            service.prepare(big, first)
-            async with service.admit() as second:
+        config = settings(tiny_repository, max_pixels_in_flight=budget)
+        registry = Registry(config, Metrics())
+        gate: Gate = registry.gate
+        engine = Engine(
+            "tiny", load_model(tiny_repository, "cpu", 1), config, Metrics(), gate, registry.budget
+        )
+        async with gate.admit() as first:
+            engine.prepare(big, first)
+            async with gate.admit() as second:
                 with pytest.raises(QueueFull, match="pixels"):
-                    service.prepare(big, second)  # 2 x 60,000 > 90,000
-                service.prepare(small, second)  # 60,000 + 4,096 fits
-                assert service.pixels_in_flight == 200 * 300 + 64 * 64
-            assert service.pixels_in_flight == 200 * 300
-        assert service.pixels_in_flight == 0
-        async with service.admit() as alone:  # alone, an image above the budget is taken
-            assert service.prepare(encode_png(synthetic(400, 400)), alone).size == (400, 400)
+                    engine.prepare(big, second)  # 2 x 60,000 > 90,000
+                engine.prepare(small, second)  # 60,000 + 4,096 fits
+                assert gate.pixels_in_flight == 200 * 300 + 64 * 64
+            assert gate.pixels_in_flight == 200 * 300
+        assert gate.pixels_in_flight == 0
+        async with gate.admit() as alone:  # alone, an image above the budget is taken
+            assert engine.prepare(encode_png(synthetic(400, 400)), alone).size == (400, 400)
         # a decoding thread that outlives its request (deadline) takes nothing from the budget
-        async with service.admit() as ended:
+        async with gate.admit() as ended:
             pass
         with pytest.raises(DeadlineExceeded):
-            service.prepare(small, ended)
-        assert service.pixels_in_flight == 0
+            engine.prepare(small, ended)
+        assert gate.pixels_in_flight == 0
 
     asyncio.run(scenario())

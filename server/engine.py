@@ -1,0 +1,352 @@
+"""The serving engine of one loaded model: its sessions, latency and memory figures, routing,
+and batched (tiled where needed) inference.
+
+Lives on the event loop; the caller runs CPU-heavy steps (decoding, rendering) in threads and
+inference runs in the batcher's threads. Ready in seconds: `probe()` runs each graph once at
+the reference size (its latency and its activation bytes per input pixel), and other sizes are
+estimated from the manifest's export-time latencies scaled by that probe; `refine()` measures
+the tile size in the background while the engine is idle, and served batches keep refining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from unetpp.core import tiling
+from unetpp.core.errors import ImageTooLarge
+from unetpp.core.imageio import decode_image
+from unetpp.core.inference import measure_latency
+from unetpp.core.preprocess import MULTIPLE, crop_to, pad_to_multiple
+from unetpp.core.routing import Candidate, Choice, Route, choose
+from unetpp.server import memory
+from unetpp.server.admission import Admission, Gate, MemoryBudget
+from unetpp.server.batcher import Batcher, ItemResult
+from unetpp.server.errors import DeadlineExceeded, NotReady
+from unetpp.server.latency import LatencyPredictor
+from unetpp.server.metrics import Metrics
+from unetpp.server.runtime import LoadedModel, Runner
+from unetpp.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Activation bytes per input pixel assumed where the kernel cannot measure them: above what
+# the largest graph (L4 fp32, batch 1) was measured to take on this project's CPU (~2,000).
+UNMEASURED_BYTES_PER_PIXEL = 2560
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an image of a given size runs: its padded size, and tiles when it is large."""
+
+    height: int  # padded
+    width: int
+    tiles: int  # 0: whole image in one run
+    tile: int  # the tile's side (when tiled)
+    run_pixels: int  # pixels of one network input
+
+    def predict(self, predictor: LatencyPredictor, graph: str) -> float:
+        return max(self.tiles, 1) * predictor.predict(graph, self.run_pixels)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded image and the network input made from it (one thread hop for all of it)."""
+
+    image: np.ndarray  # as decoded
+    x: np.ndarray  # C x H x W preprocessed, padded to the multiple
+    size: tuple[int, int]  # the image's own height and width
+
+
+@dataclass(frozen=True)
+class Inference:
+    logits: np.ndarray  # K x H x W at the image's own size
+    queue_ms: float
+    inference_ms: float
+    batches: int
+    largest_batch: int
+
+
+@dataclass
+class GraphFigures:
+    """What the engine knows of one graph on this machine, and where each figure comes from."""
+
+    bytes_per_pixel: int = UNMEASURED_BYTES_PER_PIXEL
+    memory_source: str = "assumed"  # "measured" by the probe
+    latency_source: dict[int, str] | None = None  # size -> "probe", "estimate", "calibrated"
+    requests: int = 0
+    missed: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        name: str,
+        model: LoadedModel,
+        settings: Settings,
+        metrics: Metrics,
+        gate: Gate,
+        budget: MemoryBudget,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        self.gate = gate
+        self.budget = budget
+        self.predictor = LatencyPredictor()
+        self.figures = {graph: GraphFigures(latency_source={}) for graph in model.runners}
+        self.leases = 0  # requests holding this engine (see `lease`)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batcher = Batcher(
+            _runner_call(model.runners),
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            workers=settings.workers,
+            gate=gate,
+            budget=budget,
+            cost=_cost(self.figures),
+            on_batch=_observer(name, self.predictor, metrics),
+        )
+
+    @property
+    def runners(self) -> dict[str, Runner]:
+        return self.model.runners
+
+    # --- start-up: ready in seconds, refined in the background -------------------------------
+
+    def probe(self, stop: threading.Event | None = None) -> None:
+        """Run every graph twice at the reference size (blocking): the first run's peak memory
+        gives its bytes per input pixel, the second its latency; other sizes are estimated from
+        the manifest's export-time latencies, scaled by this machine's speed against the
+        export's (the median ratio over the graphs that have one)."""
+        manifest = self.model.manifest
+        ref = manifest.reference_size
+        x = np.random.default_rng(0).random((1, manifest.in_channels, ref, ref), np.float32)
+        ratios = []
+        for name, runner in self.runners.items():
+            if stop is not None and stop.is_set():
+                raise NotReady("shutting down: start-up abandoned")
+            peak = memory.peak_during(lambda runner=runner: runner(x))
+            figures = self.figures[name]
+            if peak:
+                figures.bytes_per_pixel, figures.memory_source = -(-peak // (ref * ref)), "measured"
+            start = time.perf_counter()
+            runner(x)
+            ms = 1000.0 * (time.perf_counter() - start)
+            self._seed(name, ref, ms, "probe")
+            exported = runner.graph.latency_ms.get(str(ref))
+            if exported:
+                ratios.append(ms / exported)
+        scale = float(np.median(ratios)) if ratios else None
+        for name, runner in self.runners.items():
+            for size, ms in runner.graph.latency_ms.items():
+                if int(size) != ref and scale is not None:
+                    self._seed(name, int(size), ms * scale, "estimate")
+        log.info(
+            "%s: probed %s at %d px (bytes per pixel %s)",
+            self.name,
+            ", ".join(self.runners),
+            ref,
+            {n: f.bytes_per_pixel for n, f in self.figures.items()},
+        )
+
+    def _seed(self, graph: str, size: int, ms: float, source: str) -> None:
+        self.predictor.seed(graph, size * size, ms)
+        assert self.figures[graph].latency_source is not None
+        self.figures[graph].latency_source[size] = source
+
+    async def refine(self, stop: threading.Event) -> None:
+        """Measure every graph at the tile size, one at a time, each when the engine is idle
+        and the memory budget has room for it (background; a stop ends it between graphs)."""
+        size = self.settings.tile_size
+        channels = self.model.manifest.in_channels
+        for name, runner in self.runners.items():
+            sources = self.figures[name].latency_source
+            assert sources is not None
+            if sources.get(size) in ("probe", "calibrated"):
+                continue
+            cost = self.figures[name].bytes_per_pixel * size * size
+            while not stop.is_set() and (
+                self.gate.in_flight or self.budget.room(cost, 1) == 0 or self.budget.in_use
+            ):
+                await asyncio.sleep(0.2)
+            if stop.is_set():
+                return
+            self.budget.take(cost)
+            try:
+                ms = await asyncio.to_thread(
+                    measure_latency,
+                    runner.session,
+                    size,
+                    channels,
+                    runner.graph.output,
+                    repeats=self.settings.calibration_repeats,
+                    warmup=1,
+                )
+            finally:
+                self.budget.release(cost)
+            self._seed(name, size, ms, "calibrated")
+            log.info("%s: calibrated %s at %d px: %.1f ms", self.name, name, size, ms)
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    # --- requests ------------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self) -> Iterator[Engine]:
+        """Held by every request using this engine; a retired engine closes when none is."""
+        self.leases += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+            if not self.leases:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+    def prepare(self, data: bytes, admission: Admission) -> Prepared:
+        """Decode (within the limits and the pixel budget), preprocess with the manifest's
+        recipe, pad (blocking)."""
+        image = decode_image(
+            data,
+            max_pixels=self.settings.max_pixels,
+            max_side=self.settings.max_side,
+            before_decoding=lambda width, height: admission.reserve(width * height),
+        )
+        return self.preprocess(image)
+
+    def preprocess(self, image: np.ndarray) -> Prepared:
+        """A decoded HxW or HxWxC image -> the padded network input (blocking)."""
+        prep = self.model.manifest.preprocessing
+        x, size = pad_to_multiple(prep(image), prep.multiple)
+        return Prepared(image, x, size)
+
+    def plan(self, prepared: Prepared) -> Plan:
+        """Whole when small enough and its activations fit the memory budget; otherwise tiled,
+        with the largest tile (from `tile_size` down, halving) whose activations fit (the most
+        demanding graph's, as the graph is chosen after planning); ImageTooLarge (413) when not
+        even the smallest tile fits."""
+        h, w = prepared.x.shape[-2:]
+        per_pixel = max(f.bytes_per_pixel for f in self.figures.values())
+        capacity = self.budget.capacity
+        if h * w <= self.settings.tile_above_pixels and h * w * per_pixel <= capacity:
+            return Plan(h, w, 0, 0, h * w)
+        overlap = self.settings.tile_overlap
+        tile = self.settings.tile_size
+        while True:
+            pixels = min(tile, h) * min(tile, w)
+            if pixels * per_pixel <= capacity:
+                return Plan(h, w, tiling.count(h, w, tile, overlap), tile, pixels)
+            smaller = tile // 2 // MULTIPLE * MULTIPLE
+            if smaller <= 2 * overlap:
+                raise ImageTooLarge(
+                    f"even a {tile}x{tile} tile needs {pixels * per_pixel} bytes of activations, "
+                    f"more than the memory budget of {capacity} bytes; raise UNETPP_MEMORY_LIMIT"
+                )
+            tile = smaller
+
+    def candidates(self, plan: Plan) -> list[Candidate]:
+        out = []
+        for name, runner in self.runners.items():
+            g = runner.graph
+            iou = g.accuracy.iou if g.accuracy else None
+            out.append(
+                Candidate(
+                    name, g.level, g.precision, g.output, iou, plan.predict(self.predictor, name)
+                )
+            )
+        return out
+
+    def route(self, choice: Choice, plan: Plan, *, serve: bool = True) -> Route:
+        """The graph for a request; `serve=False` only looks (no queue wait, nothing counted)."""
+        route = choose(
+            self.candidates(plan),
+            choice,
+            default_mode=self.settings.default_mode,
+            fast_tolerance=self.settings.fast_tolerance,
+            queue_ms=self.batcher.queue_wait_ms() if serve else 0.0,
+        )
+        if not serve:
+            return route
+        figures = self.figures[route.graph]
+        figures.requests += 1
+        figures.missed += route.missed
+        policy = (choice.mode or self.settings.default_mode) if route.rule == "mode" else route.rule
+        self.metrics.routes.labels(self.name, policy, route.graph, str(route.missed).lower()).inc()
+        return route
+
+    async def infer(self, graph: str, prepared: Prepared, plan: Plan, deadline: float) -> Inference:
+        """The prepared input -> logits at the image's own size, via the batcher."""
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded("the request's deadline passed before inference")
+        predicted = self.predictor.predict(graph, plan.run_pixels)
+        results: list[ItemResult] = []
+
+        async def run(window: np.ndarray) -> np.ndarray:
+            future = self.batcher.submit(
+                graph, np.ascontiguousarray(window), deadline=deadline, predicted_ms=predicted
+            )
+            result = await future
+            results.append(result)
+            return result.logits
+
+        start = time.monotonic()
+        if plan.tiles:
+            logits = await tiling.infer_tiled(
+                prepared.x,
+                run,
+                tile=plan.tile,
+                overlap=self.settings.tile_overlap,
+                in_flight=2 * self.settings.max_batch,
+            )
+        else:
+            logits = await run(prepared.x)
+        wall_ms = 1000.0 * (time.monotonic() - start)
+        batches = {r.batch_id: r for r in results}
+        inference_ms = sum(r.run_ms for r in batches.values())
+        queue_ms = results[0].queue_ms if len(results) == 1 else max(wall_ms - inference_ms, 0.0)
+        self.metrics.queue_seconds.labels(self.name, graph).observe(queue_ms / 1000.0)
+        return Inference(
+            crop_to(logits, prepared.size),
+            queue_ms,
+            inference_ms,
+            len(batches),
+            max(r.batch_size for r in results),
+        )
+
+
+def _runner_call(runners: dict[str, Runner]):
+    def run(graph: str, batch: np.ndarray) -> np.ndarray:
+        return runners[graph](batch)
+
+    return run
+
+
+def _cost(figures: dict[str, GraphFigures]):
+    def cost(graph: str, shape: tuple[int, ...]) -> int:
+        return shape[-1] * shape[-2] * figures[graph].bytes_per_pixel
+
+    return cost
+
+
+def _observer(model: str, predictor: LatencyPredictor, metrics: Metrics):
+    def observe(graph: str, size: int, pixels: int, run_ms: float) -> None:
+        predictor.observe(graph, pixels, run_ms / size)
+        metrics.batch(model, graph, size, run_ms)
+
+    return observe

@@ -1,0 +1,129 @@
+"""One request path for every entry point (/v1 segment, /v2 infer, jobs):
+
+    lease the model -> admit -> decode and preprocess -> plan -> route -> infer -> render
+
+The entry points differ only in how their inputs arrive (an encoded image, tensors) and in how
+the answer is rendered; both are arguments here. The body is read before `segment` is called,
+so a slow upload never holds a queue slot. Rendering runs in a thread, still inside the
+admission, so the memory it needs is bounded like the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from unetpp.core.manifest import Graph
+from unetpp.core.routing import Choice, Route
+from unetpp.server.admission import Admission
+from unetpp.server.engine import Engine, Inference, Plan, Prepared
+from unetpp.server.registry import Registry
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image as the client sent it (PNG, JPEG, TIFF bytes)."""
+
+    data: bytes
+
+    def prepare(self, engine: Engine, admission: Admission) -> list[Prepared]:
+        return [engine.prepare(self.data, admission)]
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Images already decoded (a /v2 tensor): HxW or HxWxC arrays of raw pixels."""
+
+    images: list[np.ndarray]
+
+    def prepare(self, engine: Engine, admission: Admission) -> list[Prepared]:
+        admission.reserve(sum(image.shape[0] * image.shape[1] for image in self.images))
+        return [engine.preprocess(image) for image in self.images]
+
+
+Inputs = EncodedImage | Pixels
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a request produced, for its renderer: per image, the prepared input and logits."""
+
+    engine: Engine
+    route: Route
+    plan: Plan
+    prepared: list[Prepared]
+    results: list[Inference]
+    started: float  # time.monotonic() at admission
+
+    @property
+    def graph(self) -> Graph:
+        return self.engine.runners[self.route.graph].graph
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[N, K, H, W]: every image's logits (they share one size under /v2)."""
+        return np.stack([r.logits for r in self.results])
+
+    @property
+    def queue_ms(self) -> float:
+        return max(r.queue_ms for r in self.results)
+
+    @property
+    def inference_ms(self) -> float:
+        return max(r.inference_ms for r in self.results)
+
+    def headers(self) -> dict[str, str]:
+        graph, route = self.graph, self.route
+        headers = {
+            "X-UNetPP-Model": self.engine.name,
+            "X-UNetPP-Graph": graph.name,
+            "X-UNetPP-Level": str(graph.level),
+            "X-UNetPP-Precision": graph.precision,
+            "X-UNetPP-Route-Reason": route.reason,
+            "X-UNetPP-Inference-Ms": f"{self.inference_ms:.3f}",
+            "X-UNetPP-Queue-Ms": f"{self.queue_ms:.3f}",
+        }
+        if route.missed:
+            headers["X-UNetPP-Target-Missed"] = route.rule
+        return headers
+
+    def timings(self) -> dict[str, float | int]:
+        return {
+            "queue_ms": round(self.queue_ms, 3),
+            "inference_ms": round(self.inference_ms, 3),
+            "total_ms": round(1000.0 * (time.monotonic() - self.started), 3),
+            "batches": sum(r.batches for r in self.results),
+            "largest_batch": max(r.largest_batch for r in self.results),
+            "tiles": self.plan.tiles,
+        }
+
+
+async def segment(
+    registry: Registry,
+    model: str | None,
+    inputs: Inputs,
+    choice: Choice,
+    render: Callable[[Outcome], T],
+    *,
+    deadline_ms: float | None = None,
+) -> T:
+    """Run `inputs` through model `model` (None: the default) as `choice` routes them and
+    return `render(outcome)`, computed in a thread."""
+    with registry.lease(model) as engine:
+        async with registry.gate.admit(deadline_ms) as admission:
+            started = time.monotonic()
+            prepared = await asyncio.to_thread(inputs.prepare, engine, admission)
+            plan = engine.plan(prepared[0])
+            route = engine.route(choice, plan)
+            admission.submitting()
+            results = await asyncio.gather(
+                *(engine.infer(route.graph, p, plan, admission.deadline) for p in prepared)
+            )
+            outcome = Outcome(engine, route, plan, prepared, list(results), started)
+            return await asyncio.to_thread(render, outcome)

@@ -1,0 +1,82 @@
+"""The process's memory as the kernel sees it: the container's ceiling, resident memory, and the
+peak reached by one piece of work (how many bytes per input pixel a graph needs).
+
+Linux only (procfs and cgroups); elsewhere the ceiling is unknown and a probe measures nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+UNLIMITED = 1 << 60  # cgroup v1 says "no limit" with a number near 2**63
+
+
+def _cgroup_limit_files() -> list[Path]:
+    """The memory-limit files that apply to this process: cgroup v2's `memory.max` and v1's
+    `memory.limit_in_bytes`, for its own cgroup (from /proc/self/cgroup) and at the mount's
+    root (inside a container the own cgroup is usually the root)."""
+    files = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        relative = path.lstrip("/")
+        if controllers == "":
+            files.append(CGROUP / relative / "memory.max")
+        elif "memory" in controllers.split(","):
+            files.append(CGROUP / "memory" / relative / "memory.limit_in_bytes")
+    files += [CGROUP / "memory.max", CGROUP / "memory" / "memory.limit_in_bytes"]
+    return files
+
+
+def cgroup_limit() -> int | None:
+    """The tightest memory limit of this process's cgroups, in bytes, or None without one."""
+    limits = []
+    for path in _cgroup_limit_files():
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < UNLIMITED:
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def _status_kb(field: str) -> int:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
+def resident() -> int:
+    """Resident memory of this process, in bytes (0 where procfs is missing)."""
+    return 1024 * _status_kb("VmRSS")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as fp:
+            fp.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return False
+    return True
+
+
+def peak_during(work: Callable[[], object]) -> int | None:
+    """Bytes by which resident memory rose at its highest while `work` ran, or None where the
+    kernel cannot tell. Other threads' allocations count too: an overestimate, never an under-."""
+    if not _reset_peak():
+        return None
+    before = resident()
+    work()
+    peak = 1024 * _status_kb("VmHWM")
+    return max(peak - before, 0) if peak else None
