@@ -200,6 +200,8 @@ class Manifest:
         data["graphs"] = [asdict(g) for g in self.graphs]
         if data["cascade"] is None:
             del data["cascade"]
+        else:  # its tuples as the JSON lists the file holds
+            data["cascade"] = json.loads(json.dumps(data["cascade"]))
         return {"schema_version": data.pop("schema_version"), **data}
 
     @classmethod

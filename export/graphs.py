@@ -52,13 +52,20 @@ def export_graph(
     in_channels: int,
     outputs: Sequence[str] = ("logits",),
     opset: int = DEFAULT_OPSET,
+    inputs: dict[str, Tensor] | None = None,
 ) -> Path:
     """Export `module` (eval mode) with input `image` [N, C, H, W] and the named outputs, each
-    [N, K, H, W], N/H/W dynamic; BN folded; weights inside the file."""
+    [N, K, H, W], N/H/W dynamic; BN folded; weights inside the file. `inputs` replaces the image
+    by named example tensors (a cascade stage's node tensors, N/H/W dynamic too)."""
     if opset < DEFAULT_OPSET:
         raise ExportError(f"opset must be >= {DEFAULT_OPSET}, got {opset}")
     path = Path(path)
-    axes = {0: "N", 2: "H", 3: "W"}
+    inputs = inputs or {INPUT_NAME: torch.zeros(1, in_channels, 64, 64)}
+
+    def axes(name: str) -> dict[int, str]:  # a node tensor's sides are its own
+        own = name.startswith("x_")
+        return {0: "N", 2: f"{name}_H" if own else "H", 3: f"{name}_W" if own else "W"}
+
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo=True (see module docstring);
@@ -67,11 +74,11 @@ def export_graph(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             module,
-            (torch.zeros(1, in_channels, 64, 64),),
+            tuple(inputs.values()),
             str(path),
-            input_names=[INPUT_NAME],
+            input_names=list(inputs),
             output_names=list(outputs),
-            dynamic_axes={name: axes for name in (INPUT_NAME, *outputs)},
+            dynamic_axes={name: axes(name) for name in (*inputs, *outputs)},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,

@@ -31,9 +31,17 @@ from unetpp.core.inference import (
     measure_latency,
     network_input,
 )
-from unetpp.core.manifest import Accuracy, Graph, Manifest, sha256_file, write_manifest
+from unetpp.core.manifest import (
+    Accuracy,
+    CascadeRecord,
+    Graph,
+    Manifest,
+    sha256_file,
+    write_manifest,
+)
 from unetpp.core.preprocess import Preprocessing
 from unetpp.core.task import Task
+from unetpp.export.cascade import TARGETS, cascade_supported, export_cascade
 from unetpp.export.graphs import (
     DEFAULT_OPSET,
     LevelWithEnsemble,
@@ -62,6 +70,7 @@ class ExportOptions:
     # "auto": the ensemble becomes a second output of the deepest graph when it measures better
     # than every single level on the validation set; "always"/"never" force the choice.
     ensemble: Literal["auto", "always", "never"] = "auto"
+    cascade_targets: tuple[float, ...] = TARGETS  # the adaptive cascade's; () for none
     threshold: float = 0.5  # a binary model's; a multi-class model takes the argmax
     parity_images: int = 4  # validation images also used for the PyTorch parity check
     latency_sizes: tuple[int, ...] = (REFERENCE_SIZE,)
@@ -198,6 +207,7 @@ def export_repository(
         if ensemble:
             entries.append(ensemble)
         fp32 = list(entries)
+        cascade, cascade_decision = _export_cascade(builder, model)
         rejected: list[dict[str, Any]] = []
         if options.int8:
             calibration = [network_input(s.image, prep)[0] for s in calibration_samples]
@@ -220,12 +230,14 @@ def export_repository(
             preprocessing=prep,
             reference_size=REFERENCE_SIZE,
             graphs=graphs,
+            cascade=cascade,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             machine=_machine(),
             extra={
                 "exporter": EXPORTER,
                 "opset": options.opset,
                 "ensemble": decision,
+                "cascade": cascade_decision,
                 "int8": {
                     "enabled": options.int8,
                     "margin_iou": options.int8_margin,
@@ -244,6 +256,27 @@ def export_repository(
         raise
     log.info("wrote %s: %s", out_dir, ", ".join(g.name for g in manifest.graphs))
     return manifest
+
+
+def _export_cascade(
+    builder: _Builder, model: nn.Module
+) -> tuple[CascadeRecord | None, dict[str, Any]]:
+    """The adaptive cascade's stage graphs and calibration, when the model and data allow."""
+    reason = cascade_supported(model, builder.task.channels)
+    if not reason and not builder.samples:
+        reason = "no validation data to calibrate it on"
+    if not reason and not builder.options.cascade_targets:
+        reason = "not requested"
+    if reason:
+        return None, {"offered": False, "reason": reason}
+    assert isinstance(model, UNetPlusPlus)
+    record, worst = export_cascade(
+        model, builder.directory, in_channels=builder.in_channels, opset=builder.options.opset,
+        threshold=builder.task.threshold, parity_inputs=builder.parity_inputs,
+        samples=builder.samples, preprocessing=builder.preprocessing, data=builder.data,
+        targets=builder.options.cascade_targets,
+    )  # fmt: skip
+    return record, {"offered": True, "parity_max_abs_diff": worst}
 
 
 def _export_deepest(

@@ -80,6 +80,7 @@ def test_a_variant_losing_more_than_the_margin_is_left_out(
         "L3.onnx",
         "L4.onnx",
         "model.json",
+        *(f"stage{k}.onnx" for k in range(1, 5)),
     ]
 
 

@@ -18,7 +18,11 @@ def test_tiny_repository_has_every_level_and_the_ensemble(tiny_repository: Path)
     assert manifest.schema_version == SCHEMA_VERSION
     assert [g.name for g in manifest.graphs] == ["L1", "L2", "L3", "L4", "ensemble"]
     assert sorted(p.name for p in tiny_repository.iterdir()) == sorted(
-        ["model.json", *(f"L{k}.onnx" for k in range(1, 5))]
+        [
+            "model.json",
+            *(f"L{k}.onnx" for k in range(1, 5)),
+            *(f"stage{k}.onnx" for k in range(1, 5)),
+        ]
     )
     ensemble = manifest.graph("ensemble")
     assert (ensemble.file, ensemble.output, ensemble.level) == ("L4.onnx", "ensemble", 4)
