@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +255,38 @@ def test_a_multi_page_answer_decodes_to_a_stack():
     pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
     stack = decode_body(buf.getvalue(), "image/tiff")
     assert stack.shape == (3, 4, 5) and stack[2, 0, 0] == 2000
+
+
+def test_model_control_of_a_repository_of_two(tiny_repository: Path, tmp_path: Path):
+    root = tmp_path / "models"
+    for name in ("nuclei", "cells"):
+        shutil.copytree(tiny_repository, root / name)
+    image = synthetic(64, 80, seed=5)
+    live = start(settings(root, api_key="k"), ready=False)
+    try:
+        with Client(live.url, api_key="k") as client, Client(live.url) as anonymous:
+            deadline = time.monotonic() + 60
+            while {m["state"] for m in client.index()} != {"READY"}:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert sorted(m["name"] for m in client.index()) == ["cells", "nuclei"]
+            before = client.segment(image, model="cells", level=LEVEL).array
+            assert client.unload("cells")["state"] == "UNAVAILABLE"
+            once = Client(live.url, api_key="k", retry=Retry(attempts=1))
+            with once, pytest.raises(APIError) as gone:
+                once.segment(image, model="cells", level=LEVEL)
+            assert gone.value.status in (404, 503), gone.value
+            states = {m["name"]: m["state"] for m in client.index()}
+            assert states == {"cells": "UNAVAILABLE", "nuclei": "READY"}
+            np.testing.assert_array_equal(
+                client.segment(image, model="nuclei", level=LEVEL).array, before
+            )
+            assert client.load("cells")["state"] == "READY"
+            np.testing.assert_array_equal(
+                client.segment(image, model="cells", level=LEVEL).array, before
+            )
+            with pytest.raises(APIError) as refused:
+                anonymous.unload("nuclei")
+            assert refused.value.status in (401, 403)
+    finally:
+        stop(live)
