@@ -95,7 +95,7 @@ def run_one(
     train_s = time.monotonic() - start
     ckpt = load_checkpoint(out / "best.pt")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    test = evaluate(ckpt.build(), load_split("hela", "test"), ckpt.preprocessing)
+    test = evaluate(ckpt.build(), load_split("hela", "test"), ckpt.preprocessing, ckpt.task)
     command = ["export", str(rel / "best.pt"), "--out", str(rel / "models")]
     if key != "unetpp_ds":
         command.append("--no-int8")

@@ -72,7 +72,7 @@ def history(out: Path) -> list[dict]:
 
 def score(checkpoint: Path, source: str) -> dict:
     ckpt = load_checkpoint(checkpoint)
-    return evaluate(ckpt.build(), load_split(source, "test"), ckpt.preprocessing)
+    return evaluate(ckpt.build(), load_split(source, "test"), ckpt.preprocessing, ckpt.task)
 
 
 def main() -> None:

@@ -201,7 +201,11 @@ class TaskScores:
     per_class: list[ScoreAccumulator] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.per_class = [ScoreAccumulator() for _ in self.task.foreground]
+        self.per_class = self.per_class or [ScoreAccumulator() for _ in self.task.foreground]
+        if len(self.per_class) != len(self.task.foreground):
+            raise ValueError(
+                f"{len(self.per_class)} scores for {len(self.task.foreground)} classes"
+            )
 
     def update(self, labels: np.ndarray, target: np.ndarray) -> None:
         """`labels` and `target`: label maps (or a binary task's boolean masks) of one image."""

@@ -1,4 +1,5 @@
-"""`unetpp evaluate DIR --data ...`: IoU, Dice and ms/image of every graph of a model repository.
+"""`unetpp evaluate DIR --data ...`: IoU, Dice and ms/image of every graph of a model repository
+(for a multi-class model, the mean over the foreground classes and each class's IoU).
 
 Pure onnxruntime and unetpp.core (no torch): it measures the served artifacts exactly as a
 server runs them, on any machine that can serve them.
@@ -10,12 +11,12 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unetpp.core.datasets import Sample, load_split
 from unetpp.core.inference import create_session, evaluate_session
-from unetpp.core.manifest import load_repository
+from unetpp.core.manifest import load_repository, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Row:
     dice: float
     images: int
     ms_per_image: float
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def evaluate_repository(
@@ -60,22 +62,28 @@ def evaluate_repository(
                 ev.dice,
                 ev.images,
                 ev.ms_per_image,
+                ev.classes,
             )
         )
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    lines = [f"{'graph':<14} {'precision':<9} {'IoU':>7} {'Dice':>7} {'ms/image':>9}"]
-    lines += [
-        f"{r.graph:<14} {r.precision:<9} {r.iou:>7.4f} {r.dice:>7.4f} {r.ms_per_image:>9.1f}"
-        for r in rows
-    ]
+    classes = list(rows[0].classes) if rows else []
+    head = "".join(f" {'IoU ' + c:>{max(9, len(c) + 4)}}" for c in classes)
+    lines = [f"{'graph':<14} {'precision':<9} {'IoU':>7} {'Dice':>7} {'ms/image':>9}{head}"]
+    for r in rows:
+        per_class = "".join(f" {r.classes[c]['iou']:>{max(9, len(c) + 4)}.4f}" for c in classes)
+        lines.append(
+            f"{r.graph:<14} {r.precision:<9} {r.iou:>7.4f} {r.dice:>7.4f} "
+            f"{r.ms_per_image:>9.1f}{per_class}"
+        )
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    samples = load_split(args.data, args.split, val_dir=args.val_dir)
+    task = read_manifest(args.directory).task
+    samples = load_split(args.data, args.split, task=task, val_dir=args.val_dir)
     rows = evaluate_repository(args.directory, samples, threads=args.threads)
     if args.json:
         print(

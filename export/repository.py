@@ -434,7 +434,8 @@ def _replace_dir(staging: Path, target: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     """`unetpp export`: see unetpp/cli.py for the arguments."""
     # By default the data the checkpoint was trained on, split the same way.
-    trained_on = {} if args.val_data else load_checkpoint(args.checkpoint).data
+    ckpt = load_checkpoint(args.checkpoint)
+    trained_on = {} if args.val_data else ckpt.data
     source = args.val_data or trained_on.get("source")
     if not source:
         raise InvalidInput(
@@ -444,6 +445,7 @@ def main(args: argparse.Namespace) -> int:
     split = {
         "seed": trained_on.get("seed", 0),
         "val_dir": args.val_dir or trained_on.get("val_dir"),
+        "task": ckpt.task,
     }
     val = load_split(source, args.val_split, **split)
     calibration = load_split(source, "train", **split)[: args.calib_images] if args.int8 else []

@@ -7,7 +7,8 @@ crops. Each crop:
 
 1. picks an image with probability proportional to its pixel count;
 2. zoom jitter: takes a square region of crop * s pixels, s log-uniform in [1/1.35, 1.35], and
-   resizes it to crop x crop (bilinear; the mask bilinear then thresholded at 0.5);
+   resizes it to crop x crop (bilinear; a binary mask bilinear then thresholded at 0.5, a
+   multi-class label map by its nearest pixel);
 3. flips and rotates by a multiple of 90 degrees (the eight symmetries of the square);
 4. jitters intensity: gamma in [0.7, 1.4] (on the clipped non-negative part), contrast in
    [0.75, 1.33] around the mean, a brightness shift in [-0.1, 0.1], then, with probability
@@ -38,7 +39,8 @@ AUGMENTS = ("full", "geometric")
 
 
 class CropDataset(Dataset):
-    """`length` augmented crops per epoch: item i is (image [C, crop, crop], mask [1, crop, crop])."""
+    """`length` augmented crops per epoch: item i is (image [C, crop, crop], mask [1, crop, crop]),
+    the mask float 0/1 or, with `labels`, the label map's values (0..K-1) as floats."""
 
     def __init__(
         self,
@@ -48,12 +50,14 @@ class CropDataset(Dataset):
         length: int,
         seed: int = 0,
         augment: str = "full",
+        labels: bool = False,
     ) -> None:
         if not samples:
             raise ValueError("no training samples")
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.full = augment == "full"
+        self.labels = labels
         self.images = [torch.from_numpy(preprocessing(s.image)) for s in samples]
         self.masks = [torch.from_numpy(s.mask[None].astype(np.float32)) for s in samples]
         areas = np.array([s.mask.size for s in samples], dtype=np.float64)
@@ -95,8 +99,11 @@ class CropDataset(Dataset):
         if side != self.crop:
             size = (self.crop, self.crop)
             image = F.interpolate(image[None], size, mode="bilinear", antialias=True)[0]
-            mask = F.interpolate(mask[None], size, mode="bilinear", antialias=True)[0]
-            mask = (mask > 0.5).float()
+            if self.labels:
+                mask = F.interpolate(mask[None], size, mode="nearest-exact")[0]
+            else:
+                mask = F.interpolate(mask[None], size, mode="bilinear", antialias=True)[0]
+                mask = (mask > 0.5).float()
         return image, mask
 
 

@@ -12,6 +12,9 @@ validation images, IoU/Dice for every head L1..L4 and the ensemble), then `Train
   writes a valid `last.pt`. The cosine schedule spans the run: its progress is the larger of
   step / (epochs * steps per epoch) and elapsed / time budget, so it reaches its end when the
   run does. Runs without a time budget are bitwise reproducible on CPU.
+- Task: binary, or multi-class when the data names its classes (`classes.json`,
+  "synthetic-classes") or `classes` does (core/task.py); IoU/Dice are then per class and their
+  mean over the foreground classes.
 - Outputs in `out`: `best.pt` (highest validation IoU of the deepest head, L4), `last.pt`
   (with optimizer and progress for `--resume`), `metrics.jsonl` (one line per validation).
 """
@@ -33,7 +36,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -41,14 +43,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from unetpp.core.datasets import Sample, load_split
+from unetpp.core.datasets import Sample, data_task, load_split
 from unetpp.core.errors import InvalidInput, UNetPPError
 from unetpp.core.metrics import ScoreAccumulator
 from unetpp.core.preprocess import MULTIPLE, Preprocessing, crop_to, pad_to_multiple
+from unetpp.core.task import Task, TaskScores
 from unetpp.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from unetpp.model.data import AUGMENTS, CropDataset
 from unetpp.model.losses import deep_supervision_loss
-from unetpp.model.unetpp import WIDTHS, Arch, ModelConfig, UNetPlusPlus, build_model, default_config
+from unetpp.model.unetpp import (
+    WIDTHS,
+    Arch,
+    ModelConfig,
+    UNetPlusPlus,
+    average_heads,
+    build_model,
+    default_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +74,9 @@ RESUMABLE = {"out", "epochs", "time_budget", "stop_at_step", "device", "workers"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str  # "synthetic", "hela" or a folder
+    data: str  # "synthetic", "synthetic-classes", "hela" or a folder
     out: str
+    classes: tuple[str, ...] | None = None  # names of labels 1..K-1 (default: the data's)
     arch: Arch = "unetpp"
     deep_supervision: bool = True
     widths: tuple[int, ...] | None = None  # None: the paper's widths for the arch
@@ -117,8 +129,8 @@ class TrainConfig:
     def epoch_limit(self) -> int | None:
         return DEFAULT_EPOCHS if self.epochs is None and self.time_budget is None else self.epochs
 
-    def model_config(self, in_channels: int = 1) -> ModelConfig:
-        overrides: dict[str, Any] = {"in_channels": in_channels}
+    def model_config(self, in_channels: int = 1, num_classes: int = 1) -> ModelConfig:
+        overrides: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes}
         if self.widths is not None:
             overrides["widths"] = tuple(self.widths)
         if self.arch == "unetpp":
@@ -149,7 +161,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("widths", "head_weights"):
+        for key in ("widths", "head_weights", "classes"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -216,34 +228,39 @@ def evaluate(
     model: nn.Module,
     samples: list[Sample],
     preprocessing: Preprocessing,
+    task: Task,
     ctx: Dist | None = None,
-) -> dict[str, dict[str, float]]:
-    """IoU and Dice (micro-averaged over whole images, padded to a multiple of 16 and cropped
-    back) of every head and, with several heads, of their ensemble (mean probability).
-    Under DDP each process scores a share of the images and the counts are summed."""
+) -> dict[str, dict[str, Any]]:
+    """IoU and Dice (the task's: micro-averaged over whole images, padded to a multiple of 16
+    and cropped back; per class and their mean for a multi-class task) of every head and, with
+    several heads, of their ensemble (mean probability). Under DDP each process scores a share
+    of the images and the counts are summed."""
     ctx = ctx or Dist(0, 1, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     names = head_names(model)
     if len(names) > 1:
         names.append("ensemble")
-    scores = {name: ScoreAccumulator() for name in names}
+    scores = {name: task.scores() for name in names}
     for sample in samples[ctx.rank :: ctx.world]:
         x, size = pad_to_multiple(preprocessing(sample.image))
         with _autocast(ctx.device):
             x = torch.from_numpy(x)[None].to(ctx.device, memory_format=CHANNELS_LAST)
-            logits = _all_heads(model, x)
-        probs = [crop_to(torch.sigmoid(h.float())[0, 0].cpu().numpy(), size) for h in logits]
-        if len(probs) > 1:
-            probs.append(np.mean(probs, axis=0))
-        for name, prob in zip(names, probs, strict=True):
-            scores[name].update(prob > 0.5, sample.mask)
+            logits = [h.float() for h in _all_heads(model, x)]
+        if len(logits) > 1:
+            logits.append(average_heads(logits, softmax=task.multiclass))
+        for name, out in zip(names, logits, strict=True):
+            scores[name].update(task.labels(crop_to(out[0].cpu().numpy(), size)), sample.mask)
     model.train(was_training)
-    counts = [float(v) for s in scores.values() for v in asdict(s).values()]
+    counts = [
+        float(v) for s in scores.values() for acc in s.per_class for v in asdict(acc).values()
+    ]
     counts = [int(v) for v in _sum_across(counts, ctx)]
+    per_class = [ScoreAccumulator(*counts[i : i + 4]) for i in range(0, len(counts), 4)]
+    classes = len(task.foreground)
     result = {}
     for k, name in enumerate(names):
-        total = ScoreAccumulator(*counts[4 * k : 4 * k + 4])
+        total = TaskScores(task, per_class[classes * k : classes * (k + 1)])
         result[name] = {key: v for key, v in total.as_dict().items() if key != "images"}
     return result
 
@@ -255,11 +272,17 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def format_table(metrics: dict[str, dict[str, float]]) -> str:
+def format_table(metrics: dict[str, dict[str, Any]]) -> str:
+    """IoU and Dice per output (columns); for a multi-class task, each class's IoU below."""
     names = list(metrics)
-    lines = ["      " + "".join(f"{n:>10}" for n in names)]
-    for key in ("iou", "dice"):
-        lines.append(f"{key:<6}" + "".join(f"{metrics[n][key]:>10.4f}" for n in names))
+    rows = [(key, [metrics[n][key] for n in names]) for key in ("iou", "dice")]
+    rows += [
+        (f"iou {cls}", [metrics[n]["classes"][cls]["iou"] for n in names])
+        for cls in metrics[names[0]].get("classes", {})
+    ]
+    width = max(len(label) for label, _ in rows) + 1
+    lines = [" " * width + "".join(f"{n:>10}" for n in names)]
+    lines += [f"{label:<{width}}" + "".join(f"{v:>10.4f}" for v in row) for label, row in rows]
     return "\n".join(lines)
 
 
@@ -271,12 +294,15 @@ class Trainer:
         self.ctx = _setup(config.device)
         self.config = config
         self.out = Path(config.out)
+        self.task = resumed.task if resumed else data_task(config.data, config.classes)
         self.train_samples, self.val_samples = self._load_data()
 
         channels = (
             3 if any(s.image.ndim == 3 and s.image.shape[2] >= 3 for s in self.train_samples) else 1
         )
-        model_config = resumed.config if resumed else config.model_config(channels)
+        model_config = (
+            resumed.config if resumed else config.model_config(channels, self.task.channels)
+        )
         self.preprocessing = resumed.preprocessing if resumed else Preprocessing(channels=channels)
         torch.manual_seed(config.seed)
         # channels-last: several times faster convolutions on CPU (oneDNN), and on CUDA with AMP
@@ -300,8 +326,9 @@ class Trainer:
         crops = config.epoch_crops or math.ceil(pixels / config.crop**2)
         crops = max(per_step, crops)
         self.dataset = CropDataset(
-            self.train_samples, self.preprocessing, config.crop, crops, config.seed, config.augment
-        )
+            self.train_samples, self.preprocessing, config.crop, crops, config.seed, config.augment,
+            labels=self.task.multiclass,
+        )  # fmt: skip
         self.sampler = DistributedSampler(
             self.dataset,
             self.ctx.world,
@@ -331,8 +358,8 @@ class Trainer:
         c = self.config
         if self.ctx.world > 1 and not self.ctx.main:
             dist.barrier()  # rank 0 fetches and converts (hela) first
-        train = load_split(c.data, "train", seed=DATA_SEED, val_dir=c.val_dir)
-        val = load_split(c.data, "val", seed=DATA_SEED, val_dir=c.val_dir)
+        train = load_split(c.data, "train", task=self.task, seed=DATA_SEED, val_dir=c.val_dir)
+        val = load_split(c.data, "val", task=self.task, seed=DATA_SEED, val_dir=c.val_dir)
         if self.ctx.world > 1 and self.ctx.main:
             dist.barrier()
         log.info("data %s: %d training and %d validation images", c.data, len(train), len(val))
@@ -467,7 +494,7 @@ class Trainer:
 
     def _validate(self, partial: bool) -> None:
         start = time.monotonic()
-        metrics = evaluate(self.model, self.val_samples, self.preprocessing, self.ctx)
+        metrics = evaluate(self.model, self.val_samples, self.preprocessing, self.task, self.ctx)
         self.last_val_seconds = time.monotonic() - start
         self.elapsed = time.monotonic() - self._clock
         self.latest = metrics
@@ -545,6 +572,7 @@ class Trainer:
                 "val_images": [s.name for s in self.val_samples],
             },
             training=training,
+            task=self.task,
         )
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -629,8 +657,9 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if args.resume:
             check_resume(load_checkpoint(args.resume), config, args.resume)
+        task = data_task(config.data, config.classes)
         for split in ("train", "val"):  # data errors as one line here, not in every process
-            load_split(config.data, split, seed=DATA_SEED, val_dir=config.val_dir)
+            load_split(config.data, split, task=task, seed=DATA_SEED, val_dir=config.val_dir)
         try:
             torch.multiprocessing.spawn(
                 _spawned, (args.nproc, _free_port(), config, args.resume), nprocs=args.nproc

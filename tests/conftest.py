@@ -87,59 +87,97 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def tiny_samples(split: str, count: int = 4) -> list:
-    """Synthetic samples cropped to TINY_VAL_SIZE (fast to run through a tiny model)."""
+def tiny_samples(split: str, count: int = 4, classes: bool = False) -> list:
+    """Synthetic samples cropped to TINY_VAL_SIZE (fast to run through a tiny model); `classes`:
+    "synthetic-classes" (label maps: 1 round, 2 elongated)."""
     from unetpp.core.datasets import Sample, synthetic_split
 
     h, w = TINY_VAL_SIZE
     return [
-        Sample(s.name, s.image[:h, :w], s.mask[:h, :w]) for s in synthetic_split(split, count=count)
+        Sample(s.name, s.image[:h, :w], s.mask[:h, :w])
+        for s in synthetic_split(split, count=count, classes=classes)
     ]
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-channel UNet++ with widths 4..64 and deep supervision (heads 1-4), trained for 30
-    steps on synthetic nuclei so its masks mean something, saved with save_checkpoint."""
+def _tiny_checkpoint(out: Path, source: str, loss) -> Path:
+    """A 1-channel UNet++ with widths 4..64 and deep supervision (heads 1-4) for `source`'s
+    task, trained for 30 steps with `loss(head outputs, target)` so its outputs mean something."""
     import numpy as np
     import torch
+    from unetpp.core.datasets import data_task
     from unetpp.core.preprocess import Preprocessing
     from unetpp.model.checkpoint import Checkpoint, save_checkpoint
     from unetpp.model.unetpp import ModelConfig, build_model
 
     torch.manual_seed(0)
-    prep, cfg = Preprocessing(), ModelConfig(widths=TINY_WIDTHS)
+    task = data_task(source)
+    prep, cfg = Preprocessing(), ModelConfig(num_classes=task.channels, widths=TINY_WIDTHS)
     model = build_model(cfg).train()
-    train = tiny_samples("train")
+    train = tiny_samples("train", classes=task.multiclass)
     x = torch.from_numpy(np.stack([prep(s.image[:64, :96]) for s in train]))
     y = torch.from_numpy(np.stack([s.mask[None, :64, :96] for s in train])).float()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with one_torch_thread():
         for _ in range(30):
-            loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(h, y) for h in model(x))
+            total = loss(model(x), y)
             opt.zero_grad()
-            loss.backward()
+            total.backward()
             opt.step()
-    ckpt = Checkpoint(cfg, prep, model.state_dict(), data={"source": "synthetic"})
-    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", ckpt)
+    ckpt = Checkpoint(cfg, prep, model.state_dict(), data={"source": source}, task=task)
+    return save_checkpoint(out / "tiny.pt", ckpt)
+
+
+def _tiny_repository(checkpoint: Path, out: Path, source: str, name: str) -> Path:
+    """The checkpoint's model repository: model.json, L1..L4.onnx (fp32; L4.onnx also carries
+    the "ensemble" output), accuracy measured on 4 val images of `source`; no int8."""
+    from unetpp.export.repository import ExportOptions, export_repository
+
+    with one_torch_thread():
+        export_repository(
+            checkpoint,
+            out,
+            val_samples=tiny_samples("val", classes=source == "synthetic-classes"),
+            val_data=f"{source}:val",
+            options=ExportOptions(int8=False, ensemble="always", name=name),
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The binary tiny model, trained on synthetic nuclei with BCE on every head."""
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    def loss(heads, y):
+        return sum(bce(h, y) for h in heads)
+
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "synthetic", loss)
 
 
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model repository of `tiny_checkpoint`: model.json, L1..L4.onnx (fp32; L4.onnx also
-    carries the "ensemble" output), accuracy measured on 4 synthetic val images; no int8."""
-    from unetpp.export.repository import ExportOptions, export_repository
-
     out = tmp_path_factory.mktemp("tiny_repository") / "models"
-    with one_torch_thread():
-        export_repository(
-            tiny_checkpoint,
-            out,
-            val_samples=tiny_samples("val"),
-            val_data="synthetic:val",
-            options=ExportOptions(int8=False, ensemble="always"),
-        )
-    return out
+    return _tiny_repository(tiny_checkpoint, out, "synthetic", "unetpp")
+
+
+@pytest.fixture(scope="session")
+def tiny_classes_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multi-class tiny model (background, round, elongated), trained on
+    "synthetic-classes" with the training's own loss (cross-entropy + Dice on every head)."""
+    from unetpp.model.losses import deep_supervision_loss
+
+    def loss(heads, y):
+        return deep_supervision_loss(heads, y)[0]
+
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny_classes"), "synthetic-classes", loss)
+
+
+@pytest.fixture(scope="session")
+def tiny_classes_repository(
+    tiny_classes_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("tiny_classes_repository") / "models"
+    return _tiny_repository(tiny_classes_checkpoint, out, "synthetic-classes", "cells")
 
 
 def free_port() -> int:

@@ -47,7 +47,8 @@ def _data_arguments(p: argparse.ArgumentParser, flag: str, required: bool) -> No
         flag,
         required=required,
         metavar="SOURCE",
-        help="synthetic, hela or a folder with images/ and masks/",
+        help="synthetic, synthetic-classes, hela or a folder with images/ and masks/ "
+        "(and classes.json for label maps)",
     )
     p.add_argument("--val-dir", help="a folder source's separate validation folder")
 
@@ -75,6 +76,13 @@ def _train(p: argparse.ArgumentParser) -> None:
     _data_arguments(p, "--data", required=False)
     p.add_argument(
         "--out", required=True, metavar="DIR", help="writes best.pt, last.pt, metrics.jsonl"
+    )
+    p.add_argument(
+        "--classes",
+        type=lambda text: tuple(text.split(",")),
+        metavar="A,B,...",
+        help="names of mask labels 1..K-1: several make a multi-class model "
+        "(default: the data's classes.json, else binary)",
     )
     p.add_argument("--arch", choices=("unetpp", "unet", "wide_unet"), help="(default unetpp)")
     p.add_argument(

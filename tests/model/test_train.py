@@ -75,7 +75,7 @@ def test_tiny_run_lowers_the_loss_and_writes_a_self_describing_checkpoint(tmp_pa
     assert best.train_args["crop"] == 48 and best.train_args["lr"] == 3e-3
     assert best.data["source"] == "synthetic" and len(best.data["val_images"]) == 4
     # the recorded metrics are what the saved weights score on the validation images
-    rescored = evaluate(best.build(), load_split("synthetic", "val"), best.preprocessing)
+    rescored = evaluate(best.build(), load_split("synthetic", "val"), best.preprocessing, best.task)
     for level in LEVELS:
         assert rescored[level]["iou"] == pytest.approx(best.metrics[level]["iou"], abs=1e-3)
     last = load_checkpoint(out / "last.pt")
