@@ -218,7 +218,10 @@ def _predict(p: argparse.ArgumentParser) -> None:
 @command("demo", "unetpp.demo:main", "build the default model once (train + export), then serve it")
 def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data", choices=("synthetic", "hela"), default="synthetic", help="(default synthetic)"
+        "--data",
+        choices=("synthetic", "synthetic-classes", "hela"),
+        default="synthetic",
+        help="(default synthetic)",
     )
     p.add_argument(
         "--time-budget", type=float, default=4.0, metavar="MINUTES", help="training (default 4)"
