@@ -497,6 +497,49 @@ stopped. The load average of each attack is in the JSON.
 """
 
 
+def predict_section(d: dict[str, Any], where: Place) -> str:
+    rows = d["rows"]
+    table = md_table(
+        ["where", "route", "--jobs", "run (median s)", "min..max s", "images/s", "fixed cost s"],
+        [
+            [
+                r["where"],
+                f"`{r['route']}`",
+                r["jobs"],
+                f"{r['run_s']['median'] / 1000:.2f}",
+                f"{r['run_s']['min'] / 1000:.2f}..{r['run_s']['max'] / 1000:.2f}",
+                f"**{r['images_per_s']:.2f}**",
+                f"{r['fixed_s']:.2f}",
+            ]
+            for r in rows
+        ],
+        "llrrrrr",
+    )
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["route"], r["jobs"]), {})[r["where"]] = r["images_per_s"]
+    ratios = ", ".join(
+        f"`{route}` --jobs={jobs}: {p['here'] / p['server']:.2f}x"
+        for (route, jobs), p in pairs.items()
+        if {"here", "server"} <= set(p)
+    )
+    return f"""## `unetpp predict`: here against a server
+
+{run_facts(d)}
+
+`{d["frames"]}` frames: {d["source"]}; model repository `{d["models"]}`. Each run is the whole
+command (process start, model load or connection, decode, segment, write every frame) into a
+fresh folder, timed to its exit; the configurations are interleaved, {rows[0]["run_s"]["repeats"]}
+runs each. *Fixed cost*: the same command again on the finished folder (every output skipped):
+process start, imports, opening the model or asking the server, listing. The server ran on the
+same CPU, started and ready before the runs (`unetpp serve`, default settings).
+
+{table}
+
+Throughput here relative to the server (images/s, here / server): {ratios}.
+"""
+
+
 # file stem -> its section's renderer; the order is the report's
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
@@ -507,6 +550,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "docker_images": docker_section,
     "soak": soak_section,
     "attacks": attacks_section,
+    "predict": predict_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
