@@ -17,6 +17,9 @@ class Accuracy(BaseModel):
     dice: float
     images: int
     data: str = Field(description="the data split it was measured on")
+    classes: dict[str, dict[str, float]] = Field(
+        {}, description="multi-class: each foreground class's iou and dice"
+    )
 
 
 class Latency(BaseModel):
@@ -152,7 +155,11 @@ def _graph(engine: Engine, name: str, reference: Plan) -> GraphInfo:
         accuracy=None
         if g.accuracy is None
         else Accuracy(
-            iou=g.accuracy.iou, dice=g.accuracy.dice, images=g.accuracy.images, data=g.accuracy.data
+            iou=g.accuracy.iou,
+            dice=g.accuracy.dice,
+            images=g.accuracy.images,
+            data=g.accuracy.data,
+            classes=g.accuracy.classes,
         ),
         bytes_per_pixel=figures.bytes_per_pixel,
         memory_source=figures.memory_source,

@@ -109,6 +109,11 @@ def test_models_lists_the_classes(cells):
     assert model["model"]["task"]["kind"] == "multiclass"
     assert model["model"]["task"]["classes"] == CLASSES
     assert model["model"]["num_classes"] == 3
+    for graph in model["graphs"]:
+        classes = graph["accuracy"]["classes"]
+        assert set(classes) == {"round", "elongated"}
+        mean = (classes["round"]["iou"] + classes["elongated"]["iou"]) / 2
+        assert graph["accuracy"]["iou"] == pytest.approx(mean, abs=2e-6)
 
 
 def test_v2_returns_n_k_h_w(cells, image):

@@ -133,3 +133,41 @@ def test_the_page_asks_for_the_api_key(browser, tiny_repository: Path) -> None:
         assert key == "s3cret"
     finally:
         stop(server)
+
+
+def test_a_multiclass_model_names_its_colours(
+    browser, tiny_classes_repository: Path, tmp_path: Path
+) -> None:
+    """The overlay draws each class in its colour; the page names them in a legend and offers
+    no object downloads (binary models only)."""
+    from selenium.webdriver.common.by import By
+    from unetpp.core.imageio import encode_png
+
+    from tests.conftest import tiny_samples
+    from tests.server.conftest import settings, start, stop
+
+    path = tmp_path / "cells.png"
+    path.write_bytes(encode_png(tiny_samples("val", classes=True)[0].image))
+    server = start(settings(tiny_classes_repository))
+    try:
+        browser.get(server.url + "/")
+        _wait(browser, lambda d: "graphs" in d.find_element(By.ID, "model-info").text)
+        legend = browser.find_element(By.ID, "legend")
+        assert legend.is_displayed()
+        spans = legend.find_elements(By.TAG_NAME, "span")
+        assert [s.text for s in spans] == ["round", "elongated"]
+        swatches = browser.execute_script(
+            "return [...arguments[0].children].map("
+            "(s) => getComputedStyle(s, '::before').backgroundColor);",
+            legend,
+        )
+        assert swatches == ["rgb(255, 40, 40)", "rgb(40, 200, 40)"]
+        objects = browser.find_elements(By.CSS_SELECTOR, "#download-format option[data-objects]")
+        assert objects and not any(o.is_enabled() for o in objects)
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        _wait(browser, lambda d: d.find_element(By.ID, "segment").is_enabled())
+        browser.find_element(By.ID, "segment").click()
+        _wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+        browser.save_screenshot(str(ARTIFACTS / "web_classes.png"))
+    finally:
+        stop(server)
