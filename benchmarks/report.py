@@ -541,6 +541,32 @@ Throughput here relative to the server (images/s, here / server): {ratios}.
 
 
 # file stem -> its section's renderer; the order is the report's
+def slide_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/slide.py: a whole-slide BigTIFF through core/slide.py."""
+    r = d["result"]
+    before = (
+        f"Before: no path segmented it (decoded whole it is above `UNETPP_MAX_PIXELS`, 40 MP, and"
+        f" the decoder's limit; its float32 input alone would be {r['pixels'] * 4 / 2**30:.1f} GB)."
+        if r["pixels"] > 40_000_000
+        else ""
+    )
+    return f"""## Whole-slide images (`slide`)
+
+{run_facts(d)}
+
+A {r["side"]:,} x {r["side"]:,} 16-bit tiled BigTIFF ({r["input_gb"]} GB, synthetic nuclei)
+segmented by `core.slide.segment_slide` in a child process: exact streamed percentiles, then
+{r["windows"]:,} windows of {r["tile"]} px (overlap {r["overlap"]}, batch {r["batch"]},
+{r["threads"]} onnxruntime threads) on graph {r["graph"]} of {d["model"]}, labels written as a
+tiled BigTIFF as they are made. Peak RSS from `/usr/bin/time -v` (the whole child: Python,
+onnxruntime, the model).
+
+{md_table(["pixels", "seconds", "ns per pixel", "peak RSS GB"], [[f"{r['pixels']:,}", r["seconds"], f"**{r['ns_per_pixel']}**", f"**{r['peak_rss_gb']}**"]], "rrrr")}
+
+{before}
+"""
+
+
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
     "pruning": pruning_section,
@@ -551,6 +577,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "soak": soak_section,
     "attacks": attacks_section,
     "predict": predict_section,
+    "slide": slide_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
