@@ -8,6 +8,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from unetpp.server.jobs import JobSettings
 from unetpp.server.settings import Settings
 
 from tests.docker import drain_budget_s
@@ -57,10 +58,35 @@ def test_deployment_probes_limits_and_volume() -> None:
         for v in pod["volumes"]
         if "persistentVolumeClaim" in v
     }
-    assert claims == {documents("models.yaml")[0]["metadata"]["name"]}
+    assert claims == {documents(f)[0]["metadata"]["name"] for f in ("models.yaml", "jobs.yaml")}
     hpa = documents("hpa.yaml")[0]
     assert (
         hpa["spec"]["scaleTargetRef"]["name"] == documents("deployment.yaml")[0]["metadata"]["name"]
+    )
+
+
+def test_every_replica_mounts_the_shared_jobs_directory() -> None:
+    """/v1/jobs needs one directory for all replicas: a ReadWriteMany claim, mounted writable
+    where UNETPP_JOBS_DIR points, with its byte limit below the claim's size."""
+    (claim,) = documents("jobs.yaml")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    deployment = documents("deployment.yaml")[0]
+    assert deployment["spec"]["replicas"] > 1
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "jobs"]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == "jobs"]
+    assert mount["mountPath"] == env["UNETPP_JOBS_DIR"] and not mount.get("readOnly")
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and int(env["UNETPP_JOBS_MAX_BYTES"]) < int(size[:-2]) << 30
+    JobSettings(
+        **{
+            k.removeprefix("UNETPP_JOBS_").lower(): v
+            for k, v in env.items()
+            if k.startswith("UNETPP_JOBS_")
+        }
     )
 
 
