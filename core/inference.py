@@ -1,7 +1,7 @@
 """Running an exported graph with onnxruntime: sessions, whole-image inference, masks, scores.
 
-Torch-free (onnxruntime and numpy only), so that `unetpp evaluate`, the export checks and the
-server see a graph's output the same way. Needs onnxruntime (the `export`, `serve` or `gpu`
+Torch-free (onnxruntime, numpy and, for the object scores, scipy), so that `unetpp evaluate`,
+the export checks and the server see a graph's output the same way. Needs onnxruntime (the `export`, `serve` or `gpu`
 extra); nothing else in unetpp.core imports this module.
 
 A graph takes `image` float32 [N, C, H, W] (H, W multiples of 16) and returns logits
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from unetpp.core import instances
 from unetpp.core.datasets import Sample
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
+from unetpp.core.metrics import ObjectAccumulator
 from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
 from unetpp.core.task import Task
 
@@ -99,6 +101,9 @@ class Evaluation:
     images: int
     ms_per_image: float
     classes: dict[str, dict[str, float]]
+    # a binary task on samples with instance labels: the separate objects' scores
+    # (ObjectAccumulator.as_dict: ap50, precision, recall, f1, tp, fp, fn, images)
+    objects: dict[str, float | int] | None = None
 
 
 def evaluate_session(
@@ -109,10 +114,12 @@ def evaluate_session(
     output: str = "logits",
 ) -> Evaluation:
     """IoU/Dice of the task's decision over whole images (core/task.py: micro-averaged per
-    class, then the mean over foreground classes).
+    class, then the mean over foreground classes); for a binary task, also the scores of the
+    objects `instances.split` finds on the samples that carry instance labels.
 
     Time is onnxruntime's alone (pre- and post-processing excluded), batch 1."""
     scores = task.scores()
+    objects = ObjectAccumulator()
     seconds = 0.0
     for sample in samples:
         task.check_labels(sample.mask, sample.name)
@@ -120,12 +127,16 @@ def evaluate_session(
         start = time.perf_counter()
         logits = run_batch(session, chw[None], output)
         seconds += time.perf_counter() - start
-        scores.update(task.labels(crop_to(logits[0], size)), sample.mask)
+        labels = task.labels(crop_to(logits[0], size))
+        scores.update(labels, sample.mask)
+        if sample.objects is not None and not task.multiclass:
+            objects.update(instances.split(labels > 0), sample.objects)
     if scores.images == 0:
         raise InvalidInput("no images to evaluate on")
     ms = 1000.0 * seconds / scores.images
     classes = scores.classes() if task.multiclass else {}
-    return Evaluation(scores.iou, scores.dice, scores.images, ms, classes)
+    found = objects.as_dict() if objects.images else None
+    return Evaluation(scores.iou, scores.dice, scores.images, ms, classes, found)
 
 
 def measure_latency(

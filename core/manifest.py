@@ -50,6 +50,33 @@ class Accuracy:
 
 
 @dataclass(frozen=True)
+class ObjectScores:
+    """A binary graph's separate objects (core/instances.py) matched one to one at IoU >= 0.5
+    with the instance labels of a named data split, whole images; ap50 = TP / (TP + FP + FN)
+    (core/metrics.py has the definitions)."""
+
+    ap50: float
+    precision: float
+    recall: float
+    f1: float
+    tp: int
+    fp: int
+    fn: int
+    images: int
+    data: str
+
+    def __post_init__(self) -> None:
+        for name in ("ap50", "precision", "recall", "f1"):
+            value = getattr(self, name)
+            _require(_number(value) and 0.0 <= value <= 1.0, f"instances {name} {value!r}")
+        for name in ("tp", "fp", "fn"):
+            value = getattr(self, name)
+            _require(_integer(value) and value >= 0, f"instances {name} {value!r}")
+        _require(_integer(self.images) and self.images > 0, f"instances images {self.images!r}")
+        _require(isinstance(self.data, str), f"instances data {self.data!r}")
+
+
+@dataclass(frozen=True)
 class Graph:
     name: str  # "L1".."L4", "L1.int8", "ensemble", ...
     file: str
@@ -63,6 +90,7 @@ class Graph:
     latency_ms: dict[str, float] = field(default_factory=dict)  # "256": ms per image, batch 1
     validated: bool = True  # False: written but not checked on this machine (fp16 without GPU)
     note: str = ""
+    instances: ObjectScores | None = None  # binary models on data with instance labels
 
     def __post_init__(self) -> None:
         if not 1 <= self.level <= 4:
@@ -79,6 +107,10 @@ class Graph:
         _require(_integer(self.parameters) and self.parameters > 0, f"{where} parameters")
         _require(_number(self.gflops) and self.gflops >= 0, f"{where} gflops {self.gflops!r}")
         _require(self.accuracy is None or isinstance(self.accuracy, Accuracy), f"{where} accuracy")
+        _require(
+            self.instances is None or isinstance(self.instances, ObjectScores),
+            f"{where} instances",
+        )
         _require(
             isinstance(self.latency_ms, dict)
             and all(
@@ -218,10 +250,7 @@ class Manifest:
             )
         try:
             fields = dict(data)
-            graphs = tuple(
-                Graph(**{**g, "accuracy": Accuracy(**g["accuracy"]) if g.get("accuracy") else None})
-                for g in fields.pop("graphs")
-            )
+            graphs = tuple(_graph(g) for g in fields.pop("graphs"))
             prep = Preprocessing.from_dict(fields.pop("preprocessing"))
             if fields.get("cascade") is not None:
                 fields["cascade"] = CascadeRecord.from_dict(fields["cascade"])
@@ -235,6 +264,17 @@ class Manifest:
                 f"manifest graph names must be unique and non-empty: {names}"
             )
         return manifest
+
+
+def _graph(entry: dict[str, Any]) -> Graph:
+    accuracy, instances = entry.get("accuracy"), entry.get("instances")
+    return Graph(
+        **{
+            **entry,
+            "accuracy": Accuracy(**accuracy) if accuracy else None,
+            "instances": ObjectScores(**instances) if instances else None,
+        }
+    )
 
 
 _SHA256 = re.compile("[0-9a-f]{64}")

@@ -1,5 +1,7 @@
 """`unetpp evaluate DIR --data ...`: IoU, Dice and ms/image of every graph of a model repository
-(for a multi-class model, the mean over the foreground classes and each class's IoU).
+(for a multi-class model, the mean over the foreground classes and each class's IoU; for a
+binary model on data with instance labels, as HeLa's, the separate objects' AP@0.5,
+precision, recall and F1: docs/instances.md).
 
 Pure onnxruntime and unetpp.core (no torch): it measures the served artifacts exactly as a
 server runs them, on any machine that can serve them.
@@ -31,6 +33,10 @@ class Row:
     images: int
     ms_per_image: float
     classes: dict[str, dict[str, float]] = field(default_factory=dict)
+    objects: dict[str, float | int] | None = None  # separate objects, where the data has them
+
+
+OBJECT_COLUMNS = {"ap50": "AP@0.5", "precision": "obj P", "recall": "obj R", "f1": "obj F1"}
 
 
 def evaluate_repository(
@@ -63,6 +69,7 @@ def evaluate_repository(
                 ev.images,
                 ev.ms_per_image,
                 ev.classes,
+                ev.objects,
             )
         )
     return rows
@@ -71,9 +78,12 @@ def evaluate_repository(
 def format_table(rows: Sequence[Row]) -> str:
     classes = list(rows[0].classes) if rows else []
     head = "".join(f" {'IoU ' + c:>{max(9, len(c) + 4)}}" for c in classes)
+    objects = OBJECT_COLUMNS if rows and rows[0].objects else {}
+    head += "".join(f" {title:>7}" for title in objects.values())
     lines = [f"{'graph':<14} {'precision':<9} {'IoU':>7} {'Dice':>7} {'ms/image':>9}{head}"]
     for r in rows:
         per_class = "".join(f" {r.classes[c]['iou']:>{max(9, len(c) + 4)}.4f}" for c in classes)
+        per_class += "".join(f" {r.objects[k]:>7.4f}" for k in objects) if r.objects else ""
         lines.append(
             f"{r.graph:<14} {r.precision:<9} {r.iou:>7.4f} {r.dice:>7.4f} "
             f"{r.ms_per_image:>9.1f}{per_class}"

@@ -36,6 +36,7 @@ from unetpp.core.manifest import (
     CascadeRecord,
     Graph,
     Manifest,
+    ObjectScores,
     sha256_file,
     write_manifest,
 )
@@ -412,6 +413,7 @@ def _graph(directory: Path, entry: _Entry, data: str, gflops_at_reference: float
         latency_ms=entry.latency_ms,
         validated=entry.validated,
         note=entry.note,
+        instances=ObjectScores(**ev.objects, data=data) if ev and ev.objects else None,
     )
 
 
