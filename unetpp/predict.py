@@ -294,9 +294,12 @@ def server_runner(args: argparse.Namespace) -> Callable[[bytes], Output]:
 
     client = Client(args.server, api_key=args.api_key or os.environ.get("UNETPP_API_KEY"))
     try:
-        client.models()
+        listing = client.models()
     except APIError as exc:
         raise Unreachable(f"{args.server}: {exc}") from exc
+    names = [m["name"] for m in listing.get("models", [])]
+    if args.model is not None and args.model not in names:
+        raise UsageError(f"{args.server} has no model {args.model!r}; it serves {', '.join(names)}")
     options = {
         "model": args.model,
         "level": args.level,

@@ -4,6 +4,7 @@ after a kill, shards, bad files, usage errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +212,34 @@ def test_globs_name_outputs_relative_to_their_folder(folder: Path, monkeypatch):
     monkeypatch.chdir(folder.parent)
     keys = [s.key for s in collect(["in/**/*.png", "in/stack.tif"])]
     assert keys == ["a0", "a1", "a2", "deeper/big", "stack"]
+
+
+def test_one_model_of_several_here_and_on_a_server(
+    tiny_repository: Path, folder: Path, tmp_path: Path, capsys
+):
+    root = tmp_path / "models"
+    for name in ("nuclei", "cells"):
+        shutil.copytree(tiny_repository, root / name)
+    image = str(folder / "a2.png")
+    here, there = tmp_path / "here", tmp_path / "there"
+    assert main(["predict", image, "--out", str(here), "--models", str(root)]) == 2
+    assert "several models (cells, nuclei): choose one with --model" in capsys.readouterr().err
+    formats = ["png", "instances"]  # a format added after predict was written: no code for it
+    for fmt in formats:
+        argv = [image, "--model", "cells", "--level", "2", "--format", fmt]
+        assert main(["predict", *argv, "--out", str(here), "--models", str(root)]) == 0
+    live = start(settings(root))
+    try:
+        for fmt in formats:
+            argv = [image, "--model", "cells", "--level", "2", "--format", fmt]
+            assert main(["predict", *argv, "--out", str(there), "--server", live.url]) == 0
+        missing = [image, "--model", "nope", "--out", str(tmp_path / "none"), "--server", live.url]
+        assert main(["predict", *missing]) == 2
+    finally:
+        stop(live)
+    assert "has no model 'nope'; it serves cells, nuclei" in capsys.readouterr().err
+    masks, served = outputs(here), outputs(there)
+    assert sorted(masks) == sorted(served) == ["a2.instances.png", "a2.png"]
+    for name in masks:
+        np.testing.assert_array_equal(masks[name], served[name], err_msg=name)
+    assert masks["a2.instances.png"].max() > 1  # separate objects, numbered
