@@ -342,11 +342,12 @@ class JobStore:
     def finish(self, claim: Claim, state: str, error: str | None = None, **info: Any) -> Job:
         """Record how the claimed job ended (QUEUED: handed back) and release it."""
         try:
+            job = claim.job
+            if state == QUEUED:  # handed back: that start was not a failed attempt
+                job = replace(job, attempts=job.attempts - 1)
             finished = time.time() if state in TERMINAL else None
-            merged = {**claim.job.info, **info}
-            job = self._save(
-                replace(claim.job, state=state, finished=finished, error=error, info=merged)
-            )
+            merged = {**job.info, **info}
+            job = self._save(replace(job, state=state, finished=finished, error=error, info=merged))
         finally:
             self._unlock(claim.job.id, claim.fd)
         log.info("job %s %s%s", job.id, state, f": {error}" if error else "")

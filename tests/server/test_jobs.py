@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -105,7 +106,11 @@ def test_a_slide_above_the_image_limit_runs_as_a_job(tiny_repository, tmp_path, 
         )
         assert refused.status_code == 413, refused.text
         first = server.submit(data, level=3)
-        second = server.submit(data, mode="fast")
+        multipart = server.client.post(
+            "/v1/jobs", files={"image": ("slide.tif", data, "image/tiff")}, params={"mode": "fast"}
+        )
+        assert multipart.status_code == 202, multipart.text
+        second = multipart.json()["id"]
         assert server.job(second)["state"] == "queued"  # one worker: behind the first
         early = server.client.get(f"/v1/jobs/{second}/result")
         assert early.status_code == 409 and early.json()["error"] == "job_not_done"
@@ -192,8 +197,9 @@ def test_cancel_expiry_limits_and_auth(tiny_repository, tmp_path, slide_pages):
 
 
 def test_a_job_survives_kill_9_and_restart(tiny_repository, tmp_path):
-    """Killed mid-job: the next process resumes it (attempt 2); with max_attempts=1 it is
-    marked failed, saying why. Nothing accepted is lost."""
+    """Killed mid-job: the next process resumes it (attempt 2); stopped with SIGTERM: the job
+    goes back to the queue; killed again with max_attempts=1: marked failed, saying why.
+    Nothing accepted is lost."""
     big = tiff(synthetic(1536, 1536))
     jobs, log = tmp_path / "jobs", tmp_path / "log"
     with serve(tiny_repository, jobs, log) as server:
@@ -212,6 +218,12 @@ def test_a_job_survives_kill_9_and_restart(tiny_repository, tmp_path):
         job = server.wait(resumed)
         assert job["state"] == "done" and job["attempts"] == 2, job
         assert server.client.get(f"/v1/jobs/{resumed}/result").status_code == 200
+        server.wait(given_up, until=("running",))
+        server.proc.send_signal(signal.SIGTERM)  # a graceful stop hands the job back
+        assert server.proc.wait(timeout=60) == 0
+    state = json.loads((jobs / given_up / "state.json").read_text())
+    assert state["state"] == "queued" and state["attempts"] == 0, state
+    with serve(tiny_repository, jobs, log) as server:
         server.wait(given_up, until=("running",))
         while server.job(given_up)["progress"]["done"] == 0:
             time.sleep(0.1)
