@@ -567,6 +567,77 @@ onnxruntime, the model).
 """
 
 
+def instances_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/instances.py: separate objects on the HeLa test frames, and their cost."""
+    methods = list(
+        dict.fromkeys(r["method"] for r in d["scores"] if "footprint" not in r["method"])
+    )
+    graphs = list(dict.fromkeys(r["graph"] for r in d["scores"]))
+    by = {(r["graph"], r["method"]): r for r in d["scores"]}
+    served = "distance"
+
+    def cell(r: dict[str, Any], method: str) -> str:
+        text = f"{r['ap50']:.3f} / {r['f1']:.3f}"
+        return f"**{text}**" if method == served else text
+
+    table = md_table(
+        ["graph", "pixel IoU", *[f"{m} AP / F1" for m in methods]],
+        [[g, f"{by[(g, methods[0])]['pixel_iou']:.3f}", *[cell(by[(g, m)], m) for m in methods]]
+         for g in graphs],
+        "lr" + "r" * len(methods),
+    )  # fmt: skip
+    deepest = [r for r in d["scores"] if "footprint" in r["method"]]
+    footprints = md_table(
+        ["method", "AP@0.5", "precision", "recall", "F1", "TP", "FP", "FN"],
+        [[r["method"], f"{r['ap50']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+          f"{r['f1']:.3f}", r["tp"], r["fp"], r["fn"]] for r in deepest],
+        "lrrrrrrr",
+    )  # fmt: skip
+    timing = []
+    for size, t in d["timing"].items():
+        rows = [
+            [step, f"{ms['median']:.1f}", f"{ms['min']:.1f}..{ms['max']:.1f}",
+             pct(t["share_of_inference"].get(step)) if step != "inference" else "100"]
+            for step, ms in t["ms"].items()
+        ]  # fmt: skip
+        timing.append(
+            f"{t['width']}x{t['height']} ({size}), {t['objects']} objects, graph {t['graph']}:\n\n"
+            + md_table(["step", "median ms", "min..max", "% of inference"], rows, "lrrr")
+        )
+    l4 = by.get((graphs[-1] if graphs[-1] != "ensemble" else "L4", served))
+    whole = d["timing"]["whole"]["share_of_inference"]
+    worst = max(v for k, v in whole.items() if k.startswith("render"))
+    return f"""## Separate objects on HeLa (`instances`)
+
+{run_facts(d)}
+
+Model: `{d["models"]}`, {d["trained"] or "training not stated"}. Data: `{d["data"]}`, frames
+{", ".join(d["frames"])} ({d["objects_in_reference"]} reference objects, the Cell Tracking
+Challenge's ERR_SEG instance labels), whole 700x1100 frames. Objects matched one to one at
+IoU >= 0.5; AP@0.5 = TP / (TP + FP + FN) (DSB2018 / StarDist), F1 = 2TP / (2TP + FP + FN).
+The row *reference mask* splits the reference's own binary mask: what the splitting alone
+reaches with a perfect foreground. Served method **distance** (`instances.split`, footprint
+{d["split_parameters"]["footprint"]}, min radius {d["split_parameters"]["min_radius"]},
+smoothing {d["split_parameters"]["smoothing"]}).
+
+{table}
+
+The served method's footprint (minimum distance between two seeds of one object) on
+{deepest[0]["graph"] if deepest else "the deepest graph"}:
+
+{footprints}
+
+Post-processing beside inference (interleaved, onnxruntime on this CPU; *render* = split,
+per-object scores and encoding):
+
+{chr(10).join(chr(10) + t for t in timing)}
+
+Goals: L4 AP@0.5 >= 0.90: **{l4["ap50"]:.3f}** ({"met" if l4["ap50"] >= 0.9 else "not met"});
+post-processing <= 20% of L1's inference on a whole frame: the costliest format takes
+**{pct(worst)}%** ({"met" if worst <= 0.2 else "not met"}).
+"""
+
+
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
     "pruning": pruning_section,
@@ -578,6 +649,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "attacks": attacks_section,
     "predict": predict_section,
     "slide": slide_section,
+    "instances": instances_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {

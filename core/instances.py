@@ -51,9 +51,8 @@ def split(
     components, count = ndi.label(mask, _FOUR)
     if count == 0:
         return components
-    depth = ndi.gaussian_filter(ndi.distance_transform_edt(mask).astype(np.float32), smoothing)
-    peaks = (depth >= ndi.maximum_filter(depth, size=footprint)) & mask & (depth > min_radius)
-    seeds, n_seeds = ndi.label(peaks, _EIGHT)
+    _, seeds = maxima(mask, footprint=footprint, min_radius=min_radius, smoothing=smoothing)
+    n_seeds = int(seeds.max())
     seeds_per_component = np.bincount(
         np.unique(components[seeds > 0] * (n_seeds + 1) + seeds[seeds > 0]) // (n_seeds + 1),
         minlength=count + 1,
@@ -64,6 +63,20 @@ def split(
     for index in np.flatnonzero(seeds_per_component > 1):
         next_label = _cut(labels, seeds, index, windows[index - 1], next_label)
     return _consecutive(labels)
+
+
+def maxima(
+    mask: np.ndarray,
+    *,
+    footprint: int = FOOTPRINT,
+    min_radius: float = MIN_RADIUS,
+    smoothing: float = SMOOTHING,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The smoothed distance transform of the mask ("depth", float32) and its maxima as
+    labelled seeds (int32): the deepest points within `footprint`, deeper than `min_radius`."""
+    depth = ndi.gaussian_filter(ndi.distance_transform_edt(mask).astype(np.float32), smoothing)
+    peaks = (depth >= ndi.maximum_filter(depth, size=footprint)) & mask & (depth > min_radius)
+    return depth, ndi.label(peaks, _EIGHT)[0]
 
 
 def _cut(

@@ -12,7 +12,15 @@ from unetpp.core.imageio import decode_image, encode_png
 from unetpp.core.metrics import match_objects
 from unetpp.core.tiling import starts
 
-from tests.server.conftest import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, synthetic
+from tests.server.conftest import (
+    TILE_ABOVE,
+    TILE_OVERLAP,
+    TILE_SIZE,
+    settings,
+    start,
+    stop,
+    synthetic,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -95,3 +103,15 @@ def test_openapi_documents_the_object_formats(live) -> None:
     fmt = next(p for p in params if p["name"] == "format")
     assert {"instances", "geojson", "coco"} <= set(fmt["schema"]["enum"])
     assert "QuPath" in fmt["description"]
+
+
+def test_a_multiclass_model_refuses_the_object_formats(tiny_classes_repository, image_png):
+    server = start(settings(tiny_classes_repository))
+    try:
+        r = server.segment(image_png, format="geojson")
+    finally:
+        stop(server)
+    assert r.status_code == 422
+    body = r.json()
+    assert body["error"] == "invalid_parameter"
+    assert "geojson" in body["detail"] and "png" in body["detail"]
