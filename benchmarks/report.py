@@ -638,6 +638,47 @@ post-processing <= 20% of L1's inference on a whole frame: the costliest format 
 """
 
 
+def backends_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/backends.py: onnxruntime against OpenVINO per graph, size, batch, precision."""
+    rows = d["rows"]
+    variants = list(dict.fromkeys((r["backend"], r["precision"]) for r in rows))
+    cells: dict[tuple, dict[tuple, dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["graph"], r["size"], r["batch"]), {})[
+            (r["backend"], r["precision"])
+        ] = r
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "—"
+        return (
+            f"{r['ms_per_image']:.1f} (x{r['speedup_vs_ort_fp32']:.2f}, "
+            f"{100 * r['mask_agreement']:.2f}%)"
+        )
+
+    table = md_table(
+        ["graph", "size", "batch", *(f"{b} {p}" for b, p in variants), "load average"],
+        [
+            [
+                *key,
+                *(cell(c.get(v)) for v in variants),
+                " ".join(map(str, next(iter(c.values()))["load_average"])),
+            ]
+            for key, c in cells.items()
+        ],
+    )
+    return f"""## Backends: onnxruntime against OpenVINO (`backends`)
+
+{run_facts(d)}
+
+Repository `{d["models"]}`; OpenVINO {d["openvino"]}. Each cell: milliseconds per image
+(median, interleaved), its speed-up over onnxruntime fp32 of the same graph, size and batch,
+and the share of mask pixels equal to onnxruntime fp32's.
+
+{table}
+"""
+
+
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
     "pruning": pruning_section,
@@ -649,6 +690,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "attacks": attacks_section,
     "predict": predict_section,
     "slide": slide_section,
+    "backends": backends_section,
     "instances": instances_section,
 }
 # stems rendered by one renderer under a shared heading
