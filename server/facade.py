@@ -1,10 +1,12 @@
 """One request path for every entry point (/v1 segment, /v2 infer, jobs):
 
-    lease the model -> admit -> decode and preprocess -> plan -> route -> infer -> render
+    (lease the model, receive the body) -> admit -> decode and preprocess -> plan -> route
+    -> infer -> render
 
 The entry points differ only in how their inputs arrive (an encoded image, tensors) and in how
-the answer is rendered; both are arguments here. The body is read before `segment` is called,
-so a slow upload never holds a queue slot. Rendering runs in a thread, still inside the
+the answer is rendered; both are arguments here. The caller leases the model's engine when the
+request arrives (a reload or a drain lets it finish on that engine) and reads the body before
+`segment` is called, so a slow upload never holds a queue slot. Rendering runs in a thread, still inside the
 admission, so the memory it needs is bounded like the rest.
 """
 
@@ -21,7 +23,6 @@ from unetpp.core.manifest import Graph
 from unetpp.core.routing import Choice, Route
 from unetpp.server.admission import Admission
 from unetpp.server.engine import Engine, Inference, Plan, Prepared
-from unetpp.server.registry import Registry
 
 T = TypeVar("T")
 
@@ -105,25 +106,23 @@ class Outcome:
 
 
 async def segment(
-    registry: Registry,
-    model: str | None,
+    engine: Engine,
     inputs: Inputs,
     choice: Choice,
     render: Callable[[Outcome], T],
     *,
     deadline_ms: float | None = None,
 ) -> T:
-    """Run `inputs` through model `model` (None: the default) as `choice` routes them and
-    return `render(outcome)`, computed in a thread."""
-    with registry.lease(model) as engine:
-        async with registry.gate.admit(deadline_ms) as admission:
-            started = time.monotonic()
-            prepared = await asyncio.to_thread(inputs.prepare, engine, admission)
-            plan = engine.plan(prepared[0])
-            route = engine.route(choice, plan)
-            admission.submitting()
-            results = await asyncio.gather(
-                *(engine.infer(route.graph, p, plan, admission.deadline) for p in prepared)
-            )
-            outcome = Outcome(engine, route, plan, prepared, list(results), started)
-            return await asyncio.to_thread(render, outcome)
+    """Run `inputs` through a leased engine as `choice` routes them and return
+    `render(outcome)`, computed in a thread."""
+    async with engine.gate.admit(deadline_ms) as admission:
+        started = time.monotonic()
+        prepared = await asyncio.to_thread(inputs.prepare, engine, admission)
+        plan = engine.plan(prepared[0])
+        route = engine.route(choice, plan)
+        admission.submitting()
+        results = await asyncio.gather(
+            *(engine.infer(route.graph, p, plan, admission.deadline) for p in prepared)
+        )
+        outcome = Outcome(engine, route, plan, prepared, list(results), started)
+        return await asyncio.to_thread(render, outcome)

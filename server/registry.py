@@ -48,7 +48,7 @@ DEFAULT_CEILING = 4 << 30  # without a memory_limit setting or a cgroup limit
 def discover(directory: Path) -> dict[str, Path]:
     """Model name -> folder: the repository itself when it holds a manifest, else its
     subfolders that do (names outside `NAME` are skipped with a warning)."""
-    if (directory / MANIFEST_NAME).is_file():
+    if (directory / MANIFEST_NAME).exists():
         try:
             name = read_manifest(directory).name
         except UNetPPError:
@@ -94,6 +94,7 @@ class Registry:
         self.ceiling = settings.memory_limit or memory.cgroup_limit() or DEFAULT_CEILING
         self.budget = MemoryBudget(self._capacity())
         self.slots: dict[str, Slot] = {}
+        self.error: str | None = None  # why the repository holds no model
         self.draining = False
         self.stopping = threading.Event()  # set on shutdown: start-up work gives up
         self._background: set[asyncio.Task[None]] = set()
@@ -121,9 +122,13 @@ class Registry:
         for state in ("ready", "loading", "failed"):
             if state in states:
                 return state
-        return "loading" if not self.slots else "unloaded"
+        if not self.slots:
+            return "failed" if self.error else "loading"
+        return "unloaded"
 
     def slot(self, name: str | None) -> Slot:
+        if not self.slots and self.error:
+            raise NotReady(self.error)
         if name is None:
             name = self.default
             if name is None:
@@ -139,9 +144,7 @@ class Registry:
 
     def engine(self, name: str | None) -> Engine:
         """The serving engine of a model, or why there is none."""
-        slot = self.slot(name)
-        if self.draining:
-            raise NotReady("the server is shutting down")
+        slot = self.slot(name)  # draining changes readiness only: requests are still served
         if slot.engine is None:
             if slot.state == "loading":
                 raise NotReady(f"model {slot.name} is still loading", retry_after=1)
@@ -161,16 +164,23 @@ class Registry:
         if self.settings.models is None:
             return
         for name, directory in discover(self.settings.models).items():
-            slot = self.slots.get(name)
-            if slot is None:
-                self.slots[name] = Slot(name, directory)
-            else:
-                slot.directory = directory
+            if any(slot.directory == directory for slot in self.slots.values()):
+                continue  # a folder keeps the name it was first served under
+            self.slots.setdefault(name, Slot(name, directory))
+        if not self.slots:
+            self.error = (
+                f"{self.settings.models}: no manifest ({MANIFEST_NAME}), and no folders "
+                f"<name>/{MANIFEST_NAME} in it"
+            )
+        else:
+            self.error = None
 
     async def start(self) -> None:
         """Load every model of the repository, one after the other (each probe measures memory
         with the process otherwise quiet)."""
         self.scan()
+        if self.error:
+            log.error("not ready: %s", self.error)
         for slot in list(self.slots.values()):
             slot.state = "loading"
         for name in list(self.slots):
@@ -209,17 +219,20 @@ class Registry:
                 self._spawn(self._retire(old))
         log.info("model %s unloaded", name)
 
-    async def reload_all(self) -> None:
+    async def reload_all(self) -> dict[str, UNetPPError | None]:
         """SIGHUP and POST /v1/admin/reload: load every model that is not unloaded again (and any
-        that appeared on disk); a failure is logged and leaves that model as it was."""
+        that appeared on disk). Returns each model's failure (None: reloaded); a failure is
+        logged and leaves that model as it was."""
         self.scan()
         names = [n for n, s in self.slots.items() if s.state != "unloaded" or s.done == 0]
         results = await asyncio.gather(*(self.load(n) for n in names), return_exceptions=True)
+        failures: dict[str, UNetPPError | None] = {}
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, UNetPPError):
                 raise result
-            outcome = "failed" if isinstance(result, UNetPPError) else "ok"
-            self.metrics.reloads.labels(name, outcome).inc()
+            failures[name] = result if isinstance(result, UNetPPError) else None
+            self.metrics.reloads.labels(name, "failed" if failures[name] else "ok").inc()
+        return failures
 
     async def _build(self, slot: Slot) -> Engine:
         settings = self.settings
@@ -242,7 +255,7 @@ class Registry:
             return engine
         if slot.engine is None:
             slot.state, slot.error = "failed", failure.detail
-        kept = "the previous version keeps serving" if slot.engine else "not serving"
+        kept = "the previous model keeps serving" if slot.engine else "not serving"
         log.error("%s (%s)", failure.detail, kept)
         raise failure
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from unetpp.server.deps import RegistryDep
+from unetpp.server.errors import LoadFailed
 from unetpp.server.security import AdminAllowed
 
 # an operator's endpoint, not part of the public API schema
@@ -22,7 +23,13 @@ async def reload(registry: RegistryDep) -> dict[str, Any]:
     """Each model loads beside its serving version, then swaps in; requests already running
     finish on the old one. A model that fails keeps serving its old version (its state says
     why). Concurrent reloads coalesce: while one runs, all further requests share the next."""
-    await registry.reload_all()
+    failures = {name: exc for name, exc in (await registry.reload_all()).items() if exc}
+    if failures:
+        kept = all(registry.slots[name].engine is not None for name in failures)
+        raise LoadFailed(
+            f"reload failed, {'the previous model keeps serving' if kept else 'not serving'}: "
+            + "; ".join(exc.detail for exc in failures.values())
+        )
     return {
         "status": "reloaded",
         "models": {

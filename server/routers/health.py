@@ -28,6 +28,10 @@ async def readyz(request: Request, registry: RegistryDep, settings: SettingsDep)
     if registry.draining:
         raise NotReady("the server is shutting down")
     states = {name: slot.state for name, slot in registry.slots.items()}
+    if registry.error:
+        if not authorized(settings, await bearer_token(request)):
+            raise NotReady("the model repository failed to load: the reason is in the server log")
+        raise NotReady(registry.error)
     default = registry.default
     if default is not None:
         slot = registry.slot(default)

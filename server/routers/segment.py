@@ -102,7 +102,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "-Inference-Ms, -Queue-Ms (and -Target-Missed when a budget or floor was missed)",
         "content": {
             "image/png": {},
+            "image/tiff": {},
             "application/json": {},
+            "application/geo+json": {},
             "application/x-npy": {},
         },
     },
@@ -177,17 +179,16 @@ def _answer(params: SegmentParams, outcome: Outcome) -> Response:
 async def _segment(
     request: Request, params: SegmentParams, registry: Registry, model: str | None
 ) -> Response:
-    registry.slot(model)  # an unknown model is a 404 before the body is read
-    async with registry.gate.receiving() as hold:
-        data = await read_image_bytes(request, hold)
-        return await facade.segment(
-            registry,
-            model,
-            facade.EncodedImage(data),
-            params.choice(),
-            partial(_answer, params),
-            deadline_ms=params.deadline_ms,
-        )
+    with registry.lease(model) as engine:  # an unknown model is a 404 before the body is read
+        async with registry.gate.receiving() as hold:
+            data = await read_image_bytes(request, hold)
+            return await facade.segment(
+                engine,
+                facade.EncodedImage(data),
+                params.choice(),
+                partial(_answer, params),
+                deadline_ms=params.deadline_ms,
+            )
 
 
 SEGMENT = {

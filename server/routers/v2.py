@@ -216,30 +216,31 @@ async def infer(
     `binary_data_size` on inputs, `binary_data` / `binary_data_output` for outputs)."""
     version = _version(registry, model_name, model_version)
     settings = registry.settings
-    async with registry.gate.receiving() as hold:
-        if request.headers.get("content-length", "").isdigit():
-            hold.grow(int(request.headers["content-length"]))
-        body = await request.body()
-        hold.grow(len(body))
-        header, inputs = await asyncio.to_thread(
-            tensors.parse_request, body, request.headers.get(tensors.HEADER_LENGTH)
-        )
-        try:
-            params = InferParameters.model_validate(header.get("parameters") or {})
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from exc
-        if [t.name for t in inputs] != [INPUT]:
-            raise InvalidTensor(f"give one input named {INPUT!r}; got {[t.name for t in inputs]}")
-        requested = _requested(header, params.binary_data_output)
-        images = _images(inputs[0], settings.max_pixels, settings.max_side, settings.max_queue)
-        return await facade.segment(
-            registry,
-            model_name,
-            facade.Pixels(images),
-            dataclasses.replace(params.choice(), graph=version),
-            lambda outcome: _answer(header, requested, outcome),
-            deadline_ms=params.deadline_ms,
-        )
+    with registry.lease(model_name) as engine:
+        async with registry.gate.receiving() as hold:
+            if request.headers.get("content-length", "").isdigit():
+                hold.grow(int(request.headers["content-length"]))
+            body = await request.body()
+            hold.grow(len(body))
+            header, inputs = await asyncio.to_thread(
+                tensors.parse_request, body, request.headers.get(tensors.HEADER_LENGTH)
+            )
+            try:
+                params = InferParameters.model_validate(header.get("parameters") or {})
+            except ValidationError as exc:
+                raise RequestValidationError(exc.errors()) from exc
+            if [t.name for t in inputs] != [INPUT]:
+                names = [t.name for t in inputs]
+                raise InvalidTensor(f"give one input named {INPUT!r}; got {names}")
+            requested = _requested(header, params.binary_data_output)
+            images = _images(inputs[0], settings.max_pixels, settings.max_side, settings.max_queue)
+            return await facade.segment(
+                engine,
+                facade.Pixels(images),
+                dataclasses.replace(params.choice(), graph=version),
+                lambda outcome: _answer(header, requested, outcome),
+                deadline_ms=params.deadline_ms,
+            )
 
 
 @repository.post("/index", summary="The models of the repository and their states")

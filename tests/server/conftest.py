@@ -67,6 +67,7 @@ def settings(repository: Path, **overrides) -> Settings:
         tile_above_pixels=TILE_ABOVE,
         calibration_repeats=2,
         max_wait_ms=200.0,
+        body_timeout_s=1.0,  # a body that stops arriving is cut (408) after this grace
     )
     return Settings(**{**base, **overrides})
 

@@ -104,7 +104,8 @@ def test_a_broken_repository_is_refused_with_the_reason(fault, tiny_repository, 
                 assert word in detail, detail
             refused = server.segment(encode_png(synthetic(32, 32)))
             assert refused.status_code == 503 and refused.json()["detail"] == detail
-            assert server.client.get("/v1/models").status_code == 503
+            listed = server.client.get("/v1/models").json()["models"]  # says why, per model
+            assert all(m["state"] == "failed" and m["error"] in detail for m in listed)
         finally:
             stop(server)
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -117,21 +118,23 @@ def test_a_broken_repository_at_reload_keeps_the_old_one_serving(tiny_repository
     server = start(settings(repository, admin_open=True))
     image = encode_png(synthetic(32, 32))
     try:
-        served = server.client.get("/v1/models").json()["model"]
+        (served,) = (m["model"] for m in server.client.get("/v1/models").json()["models"])
         for fault, (damage, words) in FAULTS.items():
             damage(repository)
             r = server.client.post("/v1/admin/reload")
-            assert (r.status_code, r.json()["error"]) == (422, "reload_failed"), (fault, r.text)
+            assert (r.status_code, r.json()["error"]) == (422, "load_failed"), (fault, r.text)
             assert "previous model keeps serving" in r.json()["detail"], fault
             assert all(word in r.json()["detail"] for word in words), (fault, r.text)
             assert server.client.get("/readyz").status_code == 200, fault
             assert server.segment(image).status_code == 200, fault
-            assert server.client.get("/v1/models").json()["model"] == served, fault
+            (now,) = (m["model"] for m in server.client.get("/v1/models").json()["models"])
+            assert now == served, fault
             shutil.rmtree(repository, ignore_errors=True)
             shutil.copytree(tiny_repository, repository)
         edit_manifest(repository, lambda data: data.update(version="repaired"))
         r = server.client.post("/v1/admin/reload")
-        assert r.status_code == 200 and r.json()["model"]["version"] == "repaired", r.text
+        assert r.status_code == 200, r.text
+        assert [m["version"] for m in r.json()["models"].values()] == ["repaired"], r.text
         assert server.segment(image).status_code == 200
     finally:
         stop(server)

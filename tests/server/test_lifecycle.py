@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import read_manifest
 
 from tests.conftest import free_port, wait_ready
 
@@ -68,7 +69,8 @@ def set_version(repository: Path, version: str) -> None:
 
 
 def served_version(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", headers=KEY).json()["model"]["version"]
+    (model,) = httpx.get(f"{url}/v1/models", headers=KEY).json()["models"]
+    return model["model"]["version"]
 
 
 def test_reload_good_broken_and_sighup_under_load(tiny_repository, tmp_path):
@@ -92,14 +94,15 @@ def test_reload_good_broken_and_sighup_under_load(tiny_repository, tmp_path):
 
             set_version(repository, "second")
             r = httpx.post(f"{url}/v1/admin/reload", headers=KEY, timeout=60)
-            assert r.status_code == 200 and r.json()["model"]["version"] == "second", r.text
+            assert r.status_code == 200, r.text
+            assert [m["version"] for m in r.json()["models"].values()] == ["second"], r.text
             assert served_version(url) == "second"
 
             original = (repository / "L2.onnx").read_bytes()
             (repository / "L2.onnx").write_bytes(original + b"tampered")
             set_version(repository, "broken")
             r = httpx.post(f"{url}/v1/admin/reload", headers=KEY, timeout=60)
-            assert r.status_code == 422 and r.json()["error"] == "reload_failed", r.text
+            assert r.status_code == 422 and r.json()["error"] == "load_failed", r.text
             assert "previous model keeps serving" in r.json()["detail"]
             assert "L2" in r.json()["detail"]
             assert served_version(url) == "second"
@@ -117,12 +120,13 @@ def test_reload_good_broken_and_sighup_under_load(tiny_repository, tmp_path):
             for t in threads:
                 t.join()
         metrics = scrape(httpx.Client(base_url=url))
-    assert value(metrics, "unetpp_reloads_total", result="ok") == 2
-    assert value(metrics, "unetpp_reloads_total", result="failed") == 1
+    model = read_manifest(repository).name
+    assert value(metrics, "unetpp_reloads_total", model=model, result="ok") == 2
+    assert value(metrics, "unetpp_reloads_total", model=model, result="failed") == 1
     assert len(statuses) > 10 and set(statuses) == {200}, statuses
     logged = (tmp_path / "server.log").read_text()
-    assert "reload failed, the previous model keeps serving" in logged
-    assert logged.count("the previous model is closed (its requests finished)") == 2
+    assert "the previous model keeps serving" in logged
+    assert logged.count(f"a retired engine of model {model} is closed (its requests finished)") == 2
 
 
 def test_sigterm_answers_every_request_in_flight(tiny_repository, tmp_path):
@@ -154,7 +158,8 @@ def test_sigterm_answers_every_request_in_flight(tiny_repository, tmp_path):
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while value(scrape(httpx.Client(base_url=url)), "unetpp_requests_in_flight") < 4:
+        uploading = 4 * (len(image) // 2)  # held while the bodies arrive, before admission
+        while value(scrape(httpx.Client(base_url=url)), "unetpp_body_bytes_in_flight") < uploading:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)

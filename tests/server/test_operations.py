@@ -36,8 +36,9 @@ def test_metrics_move_when_requests_are_served(live, image_png):
         return value(after, name, **labels) - value(before, name, **labels)
 
     ok = {"handler": "/v1/segment", "method": "POST"}
-    assert delta("unetpp_requests_total", **ok, status="200", graph="L2") == 1
-    assert delta("unetpp_requests_total", **ok, status="415", graph="") == 1
+    model = live.client.get("/v1/models").json()["default"]
+    assert delta("unetpp_requests_total", **ok, status="200", model=model, graph="L2") == 1
+    assert delta("unetpp_requests_total", **ok, status="415", model="", graph="") == 1
     assert (
         delta(
             "unetpp_request_errors_total",
@@ -48,13 +49,18 @@ def test_metrics_move_when_requests_are_served(live, image_png):
         == 1
     )
     assert delta("unetpp_request_duration_seconds_count", **ok) == 2
-    assert delta("unetpp_routes_total", policy="level", graph="L2", missed="false") == 1
-    assert delta("unetpp_batch_size_count", graph="L2") == 1
-    assert delta("unetpp_batch_size_sum", graph="L2") == 1
-    assert delta("unetpp_inference_seconds_count", graph="L2") == 1
-    assert delta("unetpp_queue_wait_seconds_count", graph="L2") == 1
+    l2 = {"model": model, "graph": "L2"}
+    assert delta("unetpp_routes_total", policy="level", missed="false", **l2) == 1
+    assert delta("unetpp_batch_size_count", **l2) == 1
+    assert delta("unetpp_batch_size_sum", **l2) == 1
+    assert delta("unetpp_inference_seconds_count", **l2) == 1
+    assert delta("unetpp_queue_wait_seconds_count", **l2) == 1
     assert value(after, "unetpp_requests_in_flight") == 0
-    assert value(after, "unetpp_queue_items") == 0
+    assert value(after, "unetpp_queue_items", model=model) == 0
+    ready = [v for (name, labels), v in after.items() if name == "unetpp_model_ready"]
+    assert ready == [1.0] and ("model", model) in next(
+        labels for (name, labels) in after if name == "unetpp_model_ready"
+    )
 
 
 def test_request_ids_and_access_log(live, caplog):

@@ -134,6 +134,10 @@ def test_every_route_but_health_needs_the_key(keyed, tiny_repository):
             assert r.json()["error"].startswith("unauthorized")
         r = keyed.client.request(method, url, headers={"Authorization": f"Bearer {SECRET}"})
         assert r.status_code != 401, (method, url, r.text)
+    # the loop unloaded the model (the repository extension's unload): load it again
+    name = read_manifest(tiny_repository).name
+    key = {"Authorization": f"Bearer {SECRET}"}
+    assert keyed.client.post(f"/v2/repository/models/{name}/load", headers=key).status_code == 200
     for method, path in routes(keyed):
         if path in PUBLIC and "{" not in path:
             assert keyed.client.request(method, path).status_code == 200, path
@@ -181,7 +185,7 @@ def test_the_key_is_never_logged_or_shown(keyed, image_png, caplog):
     ]
     assert any("unetpp.access" in entry[2] for entry in logged)
     assert not [entry for entry in logged if SECRET in "".join(entry)]
-    assert SECRET not in repr(keyed.server.config.app.state.server.settings)
+    assert SECRET not in repr(keyed.server.config.app.state.registry.settings)
 
 
 # ---- dependency versions are bounded ---------------------------------------------------------
