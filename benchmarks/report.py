@@ -497,6 +497,64 @@ stopped. The load average of each attack is in the JSON.
 """
 
 
+def adaptive_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/adaptive.py: fixed graphs against the cascade on three sets."""
+    parts = []
+    for name, data in d["sets"].items():
+        goal = d["goals"][name]
+        rows = [
+            [
+                f"**{r['name']}**" if r["kind"] == "cascade" else r["name"],
+                f"{100 * r['iou']:.2f}",
+                f"{r['ms_mean']:.0f}",
+                " / ".join(f"{100 * v:.0f}" for v in r["reached"]) if "reached" in r else "",
+            ]
+            for r in data["rows"]
+        ]
+        verdict = "; ".join(
+            f"{a['name']}: {a['iou_lost_points']:+.2f} points at {a['time_ratio']:.2f}x"
+            + (f" (dominated by {', '.join(a['dominated_by'])})" if a["dominated_by"] else "")
+            for a in goal["adaptive"]
+        )
+        parts.append(
+            f"""### {name}: {data["images"]} images, {data["windows"]} windows
+
+{md_table(["variant", "IoU %", "ms/image", "% of windows reaching L1 / L2 / L3 / L4"], rows)}
+
+Against {goal["reference"]} ({100 * goal["reference_iou"]:.2f}, {goal["reference_ms"]:.0f} ms; goal:
+{goal["goal"]}): {verdict}. Every window escalated all the way (`stages 1-4`) costs
+{goal["never_pay_twice"]:.2f}x L4 alone (goal <= 1.15x)."""
+        )
+    quality = [
+        [
+            k,
+            v["images"],
+            f"{v['spearman_images']:+.2f}",
+            v["blocks"],
+            f"{v['spearman_blocks']:+.2f}",
+        ]
+        for k, v in d["quality"].items()
+    ]
+    body = "\n\n".join(parts)
+    return f"""## Adaptive depth (`adaptive`)
+
+{run_facts(d)}
+
+Checkpoints: {", ".join(f"{k} `{v}`" for k, v in d["checkpoints"].items())}. Each exported with
+its cascade calibrated on its own validation split (docs/adaptive.md). Every variant runs as
+served (whole images up to 1 Mpixel, else 512-px tiles overlapping by 64), timed round-robin per
+image ({d["rounds"]} rounds, the median per image, then the mean over images), onnxruntime
+default threads; IoU micro-averaged over the set. Cascade rows in bold.
+
+{body}
+
+The quality score (Dice between the L3 and L4 masks, from one pass of the network) against the
+real IoU of L4: Spearman's rank correlation per image and per block of the image.
+
+{md_table(["data", "images", "Spearman (images)", "blocks", "Spearman (blocks)"], quality)}
+"""
+
+
 def predict_section(d: dict[str, Any], where: Place) -> str:
     rows = d["rows"]
     table = md_table(
@@ -688,6 +746,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "docker_images": docker_section,
     "soak": soak_section,
     "attacks": attacks_section,
+    "adaptive": adaptive_section,
     "predict": predict_section,
     "slide": slide_section,
     "backends": backends_section,

@@ -172,20 +172,23 @@ class Cascade:
         known = ", ".join(f"{t.max_loss:g}" for t in targets)
         raise InvalidInput(f"target={max_loss:g} is not calibrated; choose one of {known}")
 
-    def step(self, level: int, feats: dict[str, np.ndarray]) -> np.ndarray:
+    def step(self, level: int, feats: dict[str, ort.OrtValue]) -> np.ndarray:
         """Run stage `level` on `feats` (updated in place with its outputs); its head's logits
-        [N, 1, H, W]."""
+        [N, 1, H, W]. The node tensors stay onnxruntime's own (OrtValues), handed from one
+        stage to the next without a copy."""
         stage = self.record.stages[level - 1]
-        outputs = self.sessions[level - 1].run(None, {n: feats[n] for n in stage.inputs})
+        outputs = self.sessions[level - 1].run_with_ort_values(
+            list(stage.outputs), {n: feats[n] for n in stage.inputs}
+        )
         feats.update(zip(stage.outputs, outputs, strict=True))
-        return feats[head_name(level)]
+        return feats[head_name(level)].numpy()
 
     def run_window(
         self, x: np.ndarray, thresholds: Sequence[float]
     ) -> tuple[np.ndarray, int, tuple[float, ...]]:
         """C x h x w -> (1 x h x w logits of the level it stopped at, that level, the uncertain
         share after each level run)."""
-        feats = {INPUT_NAME: np.ascontiguousarray(x[None], dtype=np.float32)}
+        feats = first_input(x)
         shares: list[float] = []
         for level in range(1, self.deepest + 1):
             logits = self.step(level, feats)[0]
@@ -198,7 +201,7 @@ class Cascade:
 
     def heads(self, x: np.ndarray) -> list[np.ndarray]:
         """C x h x w -> every head's 1 x h x w logits, from one pass of the whole network."""
-        feats = {INPUT_NAME: np.ascontiguousarray(x[None], dtype=np.float32)}
+        feats = first_input(x)
         return [self.step(level, feats)[0] for level in range(1, self.deepest + 1)]
 
     def infer(self, x: np.ndarray, thresholds: Sequence[float]) -> CascadeResult:
@@ -237,3 +240,9 @@ class Cascade:
         for i, j in blend.windows:
             blend.add((i, j), run((blend.ys[i], blend.xs[j]), blend.crop(x, (i, j))))
         return blend.result()
+
+
+def first_input(x: np.ndarray) -> dict[str, ort.OrtValue]:
+    """The first stage's input: C x h x w as a batch of one."""
+    batch = np.ascontiguousarray(x[None], dtype=np.float32)
+    return {INPUT_NAME: ort.OrtValue.ortvalue_from_numpy(batch)}

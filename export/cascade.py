@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from unetpp.core.cascade import (
     Cascade,
     agreement,
+    first_input,
     head_name,
     level_nodes,
     uncertain_share,
@@ -156,7 +157,7 @@ class _Image:
 
 def _full_pass(cascade: Cascade, x: np.ndarray, image: _Image) -> None:
     def run(origin: tuple[int, int], window: np.ndarray) -> np.ndarray:
-        feats = {INPUT_NAME: np.ascontiguousarray(window[None], dtype=np.float32)}
+        feats = first_input(window)
         record = _Window([], [], [])
         for level in range(1, cascade.deepest + 1):
             start = time.perf_counter()
