@@ -109,6 +109,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     400: {"description": "undecodable image"},
+    404: {"description": "no such model"},
+    408: {"description": "the body arrived slower than the minimum rate"},
     413: {"description": "body, pixels or a side above the limits"},
     415: {"description": "not an image content type, or an unsupported image format"},
     422: {"description": "bad or conflicting parameters"},
