@@ -44,7 +44,7 @@ Decide = Callable[[np.ndarray], np.ndarray]  # logits [K, h, w] -> uint8 labels 
 Progress = Callable[[int, int], None]  # (windows done, windows in all)
 
 OUTPUT_TILE = 256  # the output TIFF's tile side
-READ_ROWS = 1024  # rows per read in the statistics pass
+READ_ROWS = 256  # rows per read in the statistics pass (a common TIFF tile height)
 BINS = 4096  # histogram bins per refinement of the statistics pass
 GATHER = 1 << 22  # values few enough to collect and sort (16 MB of float32)
 

@@ -92,7 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(settings, telemetry)
         app.state.registry = registry
         loading = asyncio.create_task(registry.start())
-        app.state.jobs = await asyncio.to_thread(Jobs.from_settings, JobSettings(), settings.models)
+        app.state.jobs = await asyncio.to_thread(
+            Jobs.from_settings, JobSettings(), settings.models, settings.default_model
+        )
         if app.state.jobs is not None:
             await app.state.jobs.start()
         try:

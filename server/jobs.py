@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from unetpp.core import slide
-from unetpp.core.errors import Cancelled, ImageTooLarge, UNetPPError
+from unetpp.core.errors import Cancelled, ImageTooLarge, ModelRepositoryError, UNetPPError
 from unetpp.core.inference import run_batch
 from unetpp.core.pipeline import LocalModel, Plan
 from unetpp.core.routing import Choice
@@ -522,6 +522,19 @@ def _choice(params: dict[str, Any]) -> Choice:
     return Choice(**{f: params[f] for f in CHOICE_FIELDS if f in params})
 
 
+def _one_model(models: Path | None, name: str | None) -> Path:
+    if models is not None and (models / "model.json").exists():
+        return models
+    found = sorted(p.parent for p in (models.glob("*/model.json") if models else ()))
+    if name is not None and models is not None and (models / name / "model.json").exists():
+        return models / name
+    if name is None and len(found) == 1:
+        return found[0]
+    raise ModelRepositoryError(
+        f"jobs run one model: {models} holds {[p.name for p in found]}; set UNETPP_DEFAULT_MODEL"
+    )
+
+
 class Jobs:
     """The store and its worker, started and closed with the application; `check(params)`
     refuses a job's options at submission."""
@@ -538,17 +551,20 @@ class Jobs:
 
     @classmethod
     def from_settings(
-        cls, settings: JobSettings, models: Path | None, process: Process | None = None
+        cls,
+        settings: JobSettings,
+        models: Path | None,
+        default_model: str | None = None,
+        process: Process | None = None,
     ) -> Jobs | None:
         """None when no jobs directory is configured. Without `process`, jobs run SlideJobs on
-        the model repository `models` (its own sessions)."""
+        the model `models` holds (its own sessions): the repository itself, or its model
+        `default_model`, or its only model."""
         if settings.dir is None:
             return None
         check = None
         if process is None:
-            if models is None:
-                raise ValueError("jobs need a model repository")
-            model = LocalModel.open(models)
+            model = LocalModel.open(_one_model(models, default_model))
             process = SlideJobs(model, settings.tile_size, settings.tile_overlap, settings.batch)
             check = process.check
         store = JobStore(settings)
