@@ -9,10 +9,10 @@ send it with the same retry policy. docs/client.md is the user's page.
         result.array        # the mask as numpy (uint8, 0/255)
         result.graph        # "L2", and result.route_reason says why
 
-Retries: a 503 (queue full, not ready) is retried for any call, after the server's
-Retry-After when it sends one, else with a doubling back-off; a connection that could not be
-opened likewise; a connection lost after the request went out only for calls without side
-effects (everything but model control). Both bounded by `Retry.attempts` and `Retry.total_s`.
+Retries: a 503 (queue full, not ready) is retried for any call, after the server's Retry-After
+when it sends one, else with a doubling back-off; a connection that could not be opened
+likewise; a connection lost after the request went out only for calls without side effects
+(everything but model control). Both bounded by `Retry.attempts` and `Retry.total_s`.
 Every error answer raises `APIError` with the status, the error code and the detail.
 """
 

@@ -290,3 +290,30 @@ def test_model_control_of_a_repository_of_two(tiny_repository: Path, tmp_path: P
             assert refused.value.status in (401, 403)
     finally:
         stop(live)
+
+
+def test_a_broken_models_load_fails_at_once_and_the_other_serves(
+    tiny_repository: Path, tmp_path: Path
+):
+    root = tmp_path / "models"
+    for name in ("good", "broken"):
+        shutil.copytree(tiny_repository, root / name)
+    (root / "broken" / "L1.onnx").write_bytes(b"tampered")
+    tries: list[httpx.Request] = []
+    hooks = {"event_hooks": {"request": [tries.append]}}
+    live = start(settings(root, admin_open=True), ready=False)
+    try:
+        with Client(live.url, http=hooks) as client:
+            deadline = time.monotonic() + 60
+            while {m["name"]: m["state"] for m in client.index()}.get("good") != "READY":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            tries.clear()
+            with pytest.raises(APIError) as broken:
+                client.load("broken")
+            assert client.segment(synthetic(32, 32), model="good", level=LEVEL).graph
+    finally:
+        stop(live)
+    assert broken.value.status == 422 and broken.value.error == "load_failed"
+    assert "L1.onnx has sha256" in broken.value.detail
+    assert len(tries) == 2  # the broken model's load once, then the good one's request
