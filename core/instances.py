@@ -1,13 +1,13 @@
 """Separate objects (instances) in a binary model's output, and their three encodings.
 
 `split(mask)` cuts the foreground into objects: connected components, and a component that
-holds several nuclei-like bulges is cut between them. The bulges are the maxima of the smoothed
-distance transform of the mask (at least `footprint` pixels apart, at least `min_radius` deep);
-the pixels of a component with several maxima go to the nearest maximum (a Voronoi cut inside
-the component, computed only for such components). Each object is then made 4-connected (a
-part cut off from its object's largest piece is dropped) so that its outline is one polygon.
-docs/instances.md has the measured comparison with connected components alone and with a
-watershed (benchmarks/instances.py).
+holds several nuclei-like bulges is cut between them. The bulges are the maxima of the
+smoothed (chessboard) distance transform of the mask (at least `footprint` pixels apart, at
+least `min_radius` deep); the pixels of a component with several maxima go to the nearest
+maximum (a Voronoi cut inside the component, computed only for such components), keeping
+each piece's largest 4-connected part so that every outline is one polygon.
+docs/instances.md has the measured comparison with connected components alone and with
+watersheds (benchmarks/instances.py).
 
 Encodings of a label image (0 background, 1..N objects):
 
@@ -16,7 +16,7 @@ Encodings of a label image (0 background, 1..N objects):
   outline of its pixels, holes as interior rings), with QuPath's detection properties;
 - `coco`: COCO-style image, annotations (compressed RLE, bbox, area, score) and category.
 
-Torch-free: numpy and scipy.ndimage (scipy is in the serve and export extras).
+Torch-free: numpy and scipy.ndimage (scipy is in the api and export extras).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def split(
     next_label = count + 1
     for index in np.flatnonzero(seeds_per_component > 1):
         next_label = _cut(labels, seeds, index, windows[index - 1], next_label)
-    return _consecutive(labels)
+    return labels
 
 
 def maxima(
@@ -74,7 +74,8 @@ def maxima(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The smoothed distance transform of the mask ("depth", float32) and its maxima as
     labelled seeds (int32): the deepest points within `footprint`, deeper than `min_radius`."""
-    depth = ndi.gaussian_filter(ndi.distance_transform_edt(mask).astype(np.float32), smoothing)
+    depth = ndi.distance_transform_cdt(mask, "chessboard").astype(np.float32)
+    depth = ndi.gaussian_filter(depth, smoothing)
     peaks = (depth >= ndi.maximum_filter(depth, size=footprint)) & mask & (depth > min_radius)
     return depth, ndi.label(peaks, _EIGHT)[0]
 
@@ -82,9 +83,9 @@ def maxima(
 def _cut(
     labels: np.ndarray, seeds: np.ndarray, index: int, window: tuple[slice, ...], next_label: int
 ) -> int:
-    """Give each pixel of component `index` to its nearest seed, as labels from `next_label`
-    on (returns the next free one); a part cut off from its label's largest 4-connected piece
-    goes to the background."""
+    """Give each pixel of component `index` to its nearest seed: the first seed's pixels keep
+    `index`, the others' take labels from `next_label` on (returns the next free one); a part
+    cut off from its label's largest 4-connected piece goes to the background."""
     inside = labels[window] == index
     local = np.where(inside, seeds[window], 0)
     _, nearest = ndi.distance_transform_edt(local == 0, return_indices=True)
@@ -92,19 +93,12 @@ def _cut(
     crop = labels[window]
     crop[inside] = 0
     owners = np.unique(owner[inside])
-    for new, seed in enumerate(owners, start=next_label):
+    new_labels = [index, *range(next_label, next_label + len(owners) - 1)]
+    for new, seed in zip(new_labels, owners, strict=True):
         parts, n_parts = ndi.label(owner == seed, _FOUR)
         largest = np.argmax(np.bincount(parts.ravel())[1:]) + 1 if n_parts > 1 else 1
         crop[parts == largest] = new
-    return next_label + len(owners)
-
-
-def _consecutive(labels: np.ndarray) -> np.ndarray:
-    """The same objects numbered 1..N in the order of their old labels."""
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    lut = np.cumsum(present, dtype=np.int32) * present
-    return lut[labels]
+    return next_label + len(owners) - 1
 
 
 @dataclass(frozen=True)
@@ -200,6 +194,8 @@ def outlines(labels: np.ndarray) -> list[list[np.ndarray]]:
     exterior first (clockwise on screen), then the holes. The rings follow the pixel edges, so
     the polygon's area is the object's pixel count; objects must be 4-connected (`split`'s are)."""
     n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return []
     padded = np.pad(labels, 1)
     rings: list[list[np.ndarray]] = [[] for _ in range(n)]
     for label, ring in _rings(*_edges(padded), shape=padded.shape):
@@ -243,30 +239,41 @@ def _rings(
     end = (label.astype(np.int64) * height + y + _STEP_Y[direction]) * width + x
     end = end + _STEP_X[direction]
     successor = np.full(key.size, -1)
-    for turn in (
-        3,
-        0,
-        1,
-    ):  # left (only ever a choice where the object touches itself), straight, right
+    # left first (a choice only where the object touches itself diagonally), straight, right
+    for turn in (3, 0, 1):
         wanted = end * 4 + (direction + turn) % 4
         at = np.minimum(np.searchsorted(sorted_keys, wanted), key.size - 1)
         hit = (sorted_keys[at] == wanted) & (successor < 0)
         successor[hit] = order[at[hit]]
-    nxt = successor.tolist()
-    corners = (direction != direction[successor]).tolist()  # edge i's successor starts a corner
-    seen = bytearray(key.size)
-    for first in range(key.size):
-        if seen[first]:
-            continue
-        path = []
-        i = first
-        while not seen[i]:
-            seen[i] = 1
-            if corners[i]:
-                path.append(nxt[i])
-            i = nxt[i]
-        path.append(path[0])
-        yield int(label[first]), np.stack([x[path], y[path]], axis=1)
+    ring, rank = _cycles(successor)
+    predecessor = np.empty_like(successor)
+    predecessor[successor] = np.arange(key.size)
+    turns = direction != direction[predecessor]  # the edges that start at a corner
+    walk = np.lexsort((-rank, ring))  # each ring from its first edge on, rings one after another
+    walk = walk[turns[walk]]
+    bounds = np.flatnonzero(np.diff(ring[walk])) + 1
+    for edges in np.split(walk, bounds):
+        path = np.append(edges, edges[0])
+        yield int(label[edges[0]]), np.stack([x[path], y[path]], axis=1)
+
+
+def _cycles(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a permutation given as successor indices: each element's cycle (its smallest
+    member) and its rank, the steps left to the cycle's last element before that smallest one
+    (so sorting by descending rank walks the cycle from its smallest member). Pointer jumping:
+    O(n log n) without a Python loop over the elements."""
+    n = successor.size
+    ring, jump = np.arange(n), successor.copy()
+    for _ in range(max(1, int(np.ceil(np.log2(max(n, 2))))) + 1):
+        ring = np.minimum(ring, ring[jump])
+        jump = jump[jump]
+    last = successor == ring  # the element before the cycle's smallest
+    rank = np.where(last, 0, 1)
+    jump = np.where(last, np.arange(n), successor)
+    for _ in range(max(1, int(np.ceil(np.log2(max(n, 2))))) + 1):
+        rank = rank + rank[jump]
+        jump = jump[jump]
+    return ring, rank
 
 
 def _signed_area(ring: np.ndarray) -> float:
