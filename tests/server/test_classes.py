@@ -138,3 +138,31 @@ def test_v2_returns_n_k_h_w(cells, image):
     np.testing.assert_array_equal(mask.argmax(axis=1), probs.argmax(axis=1))
     labels = decode(cells.segment(encode_png(image), level=2).content)
     np.testing.assert_array_equal(mask[0].argmax(axis=0), labels)
+
+
+def test_a_schema_1_repository_still_serves(tiny_repository, tmp_path):
+    """A repository exported before the task existed (schema 1: num_classes and threshold)
+    serves the same masks as today's export of the same model."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_repository, old)
+    data = json.loads((old / "model.json").read_text())
+    task = data.pop("task")
+    data.update(schema_version=1, num_classes=1, threshold=task["threshold"])
+    (old / "model.json").write_text(json.dumps(data))
+    png = encode_png(tiny_samples("val")[0].image)
+    masks = []
+    for repository in (old, tiny_repository):
+        server = start(settings(repository))
+        try:
+            r = server.segment(png, level=2)
+            assert r.status_code == 200, r.text
+            masks.append(decode(r.content))
+            model = server.client.get("/v1/models").json()["models"][0]["model"]
+            assert model["task"]["kind"] == "binary" and model["threshold"] == 0.5
+        finally:
+            stop(server)
+    np.testing.assert_array_equal(masks[0], masks[1])
+    assert set(np.unique(masks[0])) == {0, 255}
