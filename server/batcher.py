@@ -109,6 +109,9 @@ class Batcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a cancelled task keeps its CancelledError, whose traceback holds the worker's frame
+        # and so this batcher: dropping the tasks leaves no cycle for the collector to find
+        self._tasks = []
         for queue in self._queues.values():
             for item in queue:
                 if not item.future.done():
