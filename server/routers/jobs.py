@@ -23,8 +23,28 @@ TIFF_TYPES = ("image/tiff", "application/octet-stream")
 
 
 class JobsDisabled(UNetPPError):
-    status_code = 503
+    """This server has no jobs directory: for it, /v1/jobs does not exist."""
+
+    status_code = 404
     error = "jobs_disabled"
+
+
+REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}},
+                "required": ["image"],
+            }
+        },
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in TIFF_TYPES},
+    },
+    "description": "A TIFF (BigTIFF, OME-TIFF; tiled or stripped), streamed to disk: the raw "
+    "body, or multipart field `image`.",
+}
+NOT_FOUND = {404: {"description": "no such job (or expired), or the server runs no jobs"}}
 
 
 class JobParams(RouteParams):
@@ -85,6 +105,7 @@ def _location(job_id: str) -> dict[str, str]:
     "",
     status_code=202,
     summary="Submit a whole-slide TIFF; answers at once with the job's id",
+    openapi_extra={"requestBody": REQUEST_BODY},
     responses={
         202: {"description": "accepted; Location: /v1/jobs/{id}"},
         400: {"description": "not a readable TIFF"},
@@ -92,6 +113,7 @@ def _location(job_id: str) -> dict[str, str]:
         415: {"description": "not a TIFF content type"},
         422: {"description": "bad or conflicting parameters"},
         429: {"description": "the jobs directory is full (jobs or bytes)"},
+        **NOT_FOUND,
     },
 )
 async def submit(
@@ -106,7 +128,11 @@ async def submit(
     return JSONResponse(job.public(), status_code=202, headers=_location(job.id))
 
 
-@router.get("/{job_id}", summary="A job's state and progress (windows done / total)")
+@router.get(
+    "/{job_id}",
+    summary="A job's state and progress (windows done / total)",
+    responses=NOT_FOUND,
+)
 async def status(job_id: str, store: StoreDep) -> JSONResponse:
     job = await asyncio.to_thread(store.get, job_id)
     return JSONResponse(job.public(), headers=_location(job.id))
@@ -116,7 +142,11 @@ async def status(job_id: str, store: StoreDep) -> JSONResponse:
     "/{job_id}/result",
     summary="The job's output: a tiled BigTIFF label image",
     response_class=FileResponse,
-    responses={200: {"content": {"image/tiff": {}}}, 409: {"description": "not done"}},
+    responses={
+        200: {"content": {"image/tiff": {}}},
+        409: {"description": "not done"},
+        **NOT_FOUND,
+    },
 )
 async def result(job_id: str, store: StoreDep) -> Response:
     job = await asyncio.to_thread(store.get, job_id)
@@ -129,7 +159,11 @@ async def result(job_id: str, store: StoreDep) -> Response:
 @router.delete(
     "/{job_id}",
     summary="Cancel a queued or running job; delete a finished one",
-    responses={202: {"description": "cancelled, or cancelling"}, 204: {"description": "deleted"}},
+    responses={
+        202: {"description": "cancelled, or cancelling"},
+        204: {"description": "deleted"},
+        **NOT_FOUND,
+    },
 )
 async def cancel(job_id: str, store: StoreDep) -> Response:
     job = await asyncio.to_thread(store.get, job_id)
