@@ -68,6 +68,16 @@ def agreement(shallow: np.ndarray, deep: np.ndarray, threshold: float) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+QUALITY_MIN_SPEARMAN = 0.3
+
+
+def quality_ships(record: CascadeRecord) -> bool:
+    """Whether the quality score is given out: only where the export measured that it ranks
+    images by their real IoU (Spearman >= QUALITY_MIN_SPEARMAN on every data measured)."""
+    values = list(record.quality.get("spearman", {}).values())
+    return bool(values) and min(values) >= QUALITY_MIN_SPEARMAN
+
+
 def disagreement(heads: Sequence[np.ndarray]) -> np.ndarray:
     """Per pixel, the spread (max - min) of the heads' probabilities, in [0, 1]."""
     p = 1.0 / (1.0 + np.exp(-np.stack([h[0] for h in heads]).astype(np.float32)))
@@ -112,6 +122,11 @@ class CascadeResult:
     logits: np.ndarray  # 1 x H x W, the padded image's
     windows: tuple[Window, ...]
     deepest: int
+
+    @property
+    def level(self) -> int:
+        """The deepest level any window reached."""
+        return max(w.level for w in self.windows)
 
     def reached(self) -> tuple[float, ...]:
         """Share of windows that ran L1, L2, ..., the deepest level."""

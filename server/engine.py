@@ -14,13 +14,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from unetpp.core import tiling
-from unetpp.core.errors import ImageTooLarge
+from unetpp.core import cascade, tiling
+from unetpp.core.errors import BadParameter, ImageTooLarge
 from unetpp.core.imageio import decode_image
 from unetpp.core.inference import measure_latency
 from unetpp.core.preprocess import MULTIPLE, crop_to, pad_to_multiple
@@ -66,11 +66,12 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Inference:
-    logits: np.ndarray  # K x H x W at the image's own size
+    logits: np.ndarray  # K x H x W at the image's own size (all heads: one channel per head)
     queue_ms: float
     inference_ms: float
     batches: int
     largest_batch: int
+    cascade: cascade.CascadeResult | None = None  # mode=adaptive: how deep each window went
 
 
 @dataclass
@@ -101,6 +102,19 @@ class Engine:
         self.gate = gate
         self.budget = budget
         self.predictor = LatencyPredictor()
+        self.cascade = (
+            cascade.Cascade.open(
+                model.directory,
+                model.manifest,
+                tile_above_pixels=settings.tile_above_pixels,
+                tile=settings.tile_size,
+                overlap=settings.tile_overlap,
+                threads=settings.threads or None,
+                providers=model.providers,
+            )
+            if model.manifest.cascade and model.manifest.num_classes == 1
+            else None
+        )
         self.figures = {graph: GraphFigures(latency_source={}) for graph in model.runners}
         self.leases = 0  # requests holding this engine (see `lease`)
         self._idle = asyncio.Event()
@@ -270,7 +284,15 @@ class Engine:
                     name, g.level, g.precision, g.output, iou, plan.predict(self.predictor, name)
                 )
             )
+        if self.cascade and self.deepest in self.runners:
+            deepest_ms = plan.predict(self.predictor, self.deepest)
+            out += cascade.candidates(self.cascade.record, deepest_ms)
         return out
+
+    @property
+    def deepest(self) -> str:
+        """The deepest fp32 graph: the one the cascade and the all-heads pass end in."""
+        return f"L{len(self.cascade.record.stages)}" if self.cascade else "L4"
 
     def route(self, choice: Choice, plan: Plan, *, serve: bool = True) -> Route:
         """The graph for a request; `serve=False` only looks (no queue wait, nothing counted)."""
@@ -283,9 +305,10 @@ class Engine:
         )
         if not serve:
             return route
-        figures = self.figures[route.graph]
-        figures.requests += 1
-        figures.missed += route.missed
+        figures = self.figures.get(route.graph)  # none for the cascade
+        if figures:
+            figures.requests += 1
+            figures.missed += route.missed
         policy = (choice.mode or self.settings.default_mode) if route.rule == "mode" else route.rule
         self.metrics.routes.labels(self.name, policy, route.graph, str(route.missed).lower()).inc()
         return route
@@ -294,6 +317,11 @@ class Engine:
         """The prepared input -> logits at the image's own size, via the batcher."""
         if time.monotonic() > deadline:
             raise DeadlineExceeded("the request's deadline passed before inference")
+        if graph not in self.runners and self.cascade:
+            target = self.cascade.target(float(graph.split("@")[1]))
+            return await self.infer_cascade(
+                prepared, plan, lambda x: self.cascade.infer(x, target.thresholds)
+            )
         predicted = self.predictor.predict(graph, plan.run_pixels)
         results: list[ItemResult] = []
 
@@ -328,6 +356,38 @@ class Engine:
             len(batches),
             max(r.batch_size for r in results),
         )
+
+    async def infer_cascade(
+        self,
+        prepared: Prepared,
+        plan: Plan,
+        run: Callable[[np.ndarray], cascade.CascadeResult | list[np.ndarray]],
+    ) -> Inference:
+        """The cascade (or every head from one pass) on the prepared input, in a thread, one
+        window at a time, holding the deepest graph's activation bytes for a window against
+        the memory budget while it runs."""
+        if not self.cascade:
+            raise BadParameter("this model has no adaptive cascade (stage graphs)")
+        cost = self.figures[self.deepest].bytes_per_pixel * plan.run_pixels
+        while not self.budget.room(cost, 1):
+            await self.budget.freed()
+        self.budget.take(cost)
+        try:
+            start = time.perf_counter()
+            out = await asyncio.to_thread(run, prepared.x)
+            ms = 1000.0 * (time.perf_counter() - start)
+        finally:
+            self.budget.release(cost)
+        if isinstance(out, cascade.CascadeResult):
+            logits, result = out.logits, out
+        else:
+            logits, result = np.concatenate(out), None
+        windows = max(plan.tiles, 1)
+        return Inference(crop_to(logits, prepared.size), 0.0, ms, windows, 1, result)
+
+    async def infer_heads(self, prepared: Prepared, plan: Plan) -> Inference:
+        """Every head's logits (one channel per head) from one pass of the whole network."""
+        return await self.infer_cascade(prepared, plan, lambda x: self.cascade.infer_heads(x))
 
 
 def _runner_call(runners: dict[str, Runner]):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from unetpp.core.cascade import CascadeResult
 from unetpp.core.manifest import Graph
 from unetpp.core.routing import Choice, Route
 from unetpp.server.admission import Admission
@@ -50,6 +51,8 @@ class Pixels:
 
 Inputs = EncodedImage | Pixels
 
+HEADS = Route("heads", "format", "every head from one pass of the network (stage graphs 1-4)")
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -64,7 +67,14 @@ class Outcome:
 
     @property
     def graph(self) -> Graph:
-        return self.engine.runners[self.route.graph].graph
+        """The graph that ran; for the cascade and the all-heads pass, the deepest they reach."""
+        runners = self.engine.runners
+        runner = runners.get(self.route.graph) or runners[self.engine.deepest]
+        return runner.graph
+
+    @property
+    def cascade(self) -> CascadeResult | None:
+        return self.results[0].cascade
 
     @property
     def logits(self) -> np.ndarray:
@@ -83,7 +93,7 @@ class Outcome:
         graph, route = self.graph, self.route
         headers = {
             "X-UNetPP-Model": self.engine.name,
-            "X-UNetPP-Graph": graph.name,
+            "X-UNetPP-Graph": route.graph,
             "X-UNetPP-Level": str(graph.level),
             "X-UNetPP-Precision": graph.precision,
             "X-UNetPP-Route-Reason": route.reason,
@@ -92,6 +102,12 @@ class Outcome:
         }
         if route.missed:
             headers["X-UNetPP-Target-Missed"] = route.rule
+        if self.cascade:  # the share of windows that went on to each level
+            reached = self.cascade.reached()
+            headers["X-UNetPP-Level"] = str(self.cascade.level)
+            headers["X-UNetPP-Escalated"] = ",".join(
+                f"L{k}={share:.3f}" for k, share in enumerate(reached[1:], 2)
+            )
         return headers
 
     def timings(self) -> dict[str, float | int]:
@@ -112,17 +128,24 @@ async def segment(
     render: Callable[[Outcome], T],
     *,
     deadline_ms: float | None = None,
+    heads: bool = False,
 ) -> T:
     """Run `inputs` through a leased engine as `choice` routes them and return
-    `render(outcome)`, computed in a thread."""
+    `render(outcome)`, computed in a thread. `heads`: every head from one pass of the whole
+    network instead (the logits hold one channel per head), whatever `choice` says."""
     async with engine.gate.admit(deadline_ms) as admission:
         started = time.monotonic()
         prepared = await asyncio.to_thread(inputs.prepare, engine, admission)
         plan = engine.plan(prepared[0])
-        route = engine.route(choice, plan)
+        route = HEADS if heads else engine.route(choice, plan)
         admission.submitting()
         results = await asyncio.gather(
-            *(engine.infer(route.graph, p, plan, admission.deadline) for p in prepared)
+            *(
+                engine.infer_heads(p, plan)
+                if heads
+                else engine.infer(route.graph, p, plan, admission.deadline)
+                for p in prepared
+            )
         )
         outcome = Outcome(engine, route, plan, prepared, list(results), started)
         return await asyncio.to_thread(render, outcome)

@@ -252,3 +252,8 @@ class SegmentResult(BaseModel):
         "with areas and bounding boxes"
     )
     timings: Timings
+    cascade: list[dict[str, Any]] | None = Field(
+        None,
+        description="mode=adaptive: per window (the image, or each tile: y, x in the padded "
+        "image), the level it stopped at and the uncertain share after each level it ran",
+    )

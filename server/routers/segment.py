@@ -10,7 +10,9 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
+from unetpp.core import cascade
 from unetpp.core.errors import BadParameter
+from unetpp.core.imageio import encode_png
 from unetpp.core.render import render
 from unetpp.core.routing import Choice, Mode, Precision
 from unetpp.server import facade
@@ -35,8 +37,17 @@ class RouteParams(BaseModel):
     level: int | None = Field(None, ge=1, le=4, description="pruning depth L1..L4, explicitly")
     mode: Mode | None = Field(
         None,
-        description="fast: fastest within the IoU tolerance of the best; balanced: knee of the "
-        "accuracy/latency front; accurate: best measured IoU",
+        description="accurate: best measured IoU; balanced: knee of the accuracy/latency front "
+        "among graphs no slower than accurate's; fast: fastest within the IoU tolerance of "
+        "balanced's pick, no slower and no more accurate (docs/routing.md); adaptive: the "
+        "cascade, each image or tile only as deep as it needs (docs/adaptive.md)",
+    )
+    target: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="mode=adaptive: the IoU the cascade may lose against the deepest graph, one "
+        "of the calibrated targets (GET /v1/models; default the middle one)",
     )
     max_latency_ms: float | None = Field(
         None, gt=0, description="latency budget incl. queue wait; the most accurate graph that fits"
@@ -53,24 +64,41 @@ class RouteParams(BaseModel):
     )
 
     def choice(self) -> Choice:
-        return Choice(self.level, self.mode, self.max_latency_ms, self.min_iou, self.precision)
+        return Choice(
+            self.level,
+            self.mode,
+            self.max_latency_ms,
+            self.min_iou,
+            self.precision,
+            target=self.target,
+        )
 
 
 class SegmentParams(RouteParams):
     """The routing parameters, plus the output format."""
 
-    format: Literal["png", "json", "overlay", "probabilities", "instances", "geojson", "coco"] = (
-        Field(
-            "png",
-            description="png: 0/255 mask (multi-class: 8-bit label map, 0 background); json: "
-            "RLE mask, area, bbox (multi-class: per class), graph, timings; overlay: the image "
-            "with the mask (each class) drawn in its colour; probabilities: see `encoding`. "
-            "Binary models only, separate objects (touching ones split): instances: 16-bit PNG "
-            "label image (0 background, 1..N); geojson: FeatureCollection, one Polygon per "
-            "object in pixel coordinates (QuPath detections: objectType, classification, area, "
-            "probability); coco: COCO images/annotations/categories with compressed RLE masks, "
-            "bbox, area, score",
-        )
+    format: Literal[
+        "png",
+        "json",
+        "overlay",
+        "probabilities",
+        "instances",
+        "geojson",
+        "coco",
+        "uncertainty",
+        "levels",
+    ] = Field(
+        "png",
+        description="png: 0/255 mask (multi-class: 8-bit label map, 0 background); json: "
+        "RLE mask, area, bbox (multi-class: per class), graph, timings; overlay: the image "
+        "with the mask (each class) drawn in its colour; probabilities: see `encoding`. "
+        "Binary models only, separate objects (touching ones split): instances: 16-bit PNG "
+        "label image (0 background, 1..N); geojson: FeatureCollection, one Polygon per "
+        "object in pixel coordinates (QuPath detections: objectType, classification, area, "
+        "probability); coco: COCO images/annotations/categories with compressed RLE masks, "
+        "bbox, area, score. Binary models with a cascade, from one pass of the whole network "
+        "whatever the routing says: uncertainty: 16-bit PNG of the heads' disagreement (max - "
+        "min probability, x 65535); levels: JSON with the L1..L4 masks (RLE) at once",
     )
     encoding: Literal["png16", "npy"] = Field(
         "png16",
@@ -151,6 +179,8 @@ def _answer(params: SegmentParams, outcome: Outcome) -> Response:
     """Render one image's result in the requested format (in a thread: see facade)."""
     engine, prepared = outcome.engine, outcome.prepared[0]
     manifest = engine.model.manifest
+    if params.format in HEADS_FORMATS:
+        return _heads_answer(params, outcome)
     rendered = render(
         manifest.task,
         outcome.results[0].logits,
@@ -168,14 +198,60 @@ def _answer(params: SegmentParams, outcome: Outcome) -> Response:
         width=int(prepared.image.shape[1]),
         height=int(prepared.image.shape[0]),
         graph=GraphRef(
-            name=graph.name, level=graph.level, precision=graph.precision, output=graph.output
+            name=outcome.route.graph,
+            level=outcome.cascade.level if outcome.cascade else graph.level,
+            precision=graph.precision,
+            output="adaptive" if outcome.cascade else graph.output,
         ),
         route=RouteInfo.of(outcome.route),
         threshold=manifest.threshold,
         mask=rendered.content,
         timings=Timings(**outcome.timings()),
+        cascade=_windows(outcome),
     )
     return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+HEADS_FORMATS = ("uncertainty", "levels")
+
+
+def _windows(outcome: Outcome) -> list[dict[str, Any]] | None:
+    """mode=adaptive: how deep each window (the image, or each tile) went."""
+    if outcome.cascade is None:
+        return None
+    return [
+        {"y": w.y, "x": w.x, "level": w.level, "uncertain": [round(s, 4) for s in w.shares]}
+        for w in outcome.cascade.windows
+    ]
+
+
+def _heads_answer(params: SegmentParams, outcome: Outcome) -> Response:
+    """format=uncertainty or levels, from every head's logits (one channel each)."""
+    engine, prepared = outcome.engine, outcome.prepared[0]
+    manifest = engine.model.manifest
+    logits = outcome.results[0].logits
+    heads = [logits[k : k + 1] for k in range(logits.shape[0])]
+    headers = outcome.headers()
+    quality = None
+    if engine.cascade and cascade.quality_ships(engine.cascade.record):
+        quality = round(cascade.agreement(heads[-2], heads[-1], manifest.threshold), 4)
+        headers["X-UNetPP-Quality"] = f"{quality:.4f}"
+    if params.format == "uncertainty":
+        png = encode_png(cascade.disagreement_u16(heads))
+        return Response(png, media_type="image/png", headers=headers)
+    body = {
+        "model": engine.name,
+        "width": int(prepared.image.shape[1]),
+        "height": int(prepared.image.shape[0]),
+        "threshold": manifest.threshold,
+        "quality": quality,
+        "levels": {
+            f"L{k}": render(manifest.task, head, prepared.image, "json").content
+            for k, head in enumerate(heads, 1)
+        },
+        "timings": outcome.timings(),
+    }
+    return JSONResponse(body, headers=headers)
 
 
 async def _segment(
@@ -190,6 +266,7 @@ async def _segment(
                 params.choice(),
                 partial(_answer, params),
                 deadline_ms=params.deadline_ms,
+                heads=params.format in HEADS_FORMATS,
             )
 
 
