@@ -1,17 +1,19 @@
 """Benchmark study `adaptive`: the adaptive cascade against every fixed graph.
 
     .venv/bin/python -m benchmarks.adaptive --hela-checkpoint runs/hela/best.pt \\
-        --synthetic-checkpoint runs/synthetic/best.pt
+        [--synthetic-checkpoint runs/synthetic/best.pt]
 
-Exports both checkpoints (fp32 and int8 graphs, stage graphs, cascade calibrated on each
-source's validation split) to runs/adaptive/, then on three sets (the HeLa test frames 17-19,
-synthetic test images, and large sparse synthetic images: a few nuclei on a 2048 x 2048 field,
-most 512-px tiles pure background) runs every fixed graph and the cascade at each target as
-served: whole images up to 1 Mpixel, else 512-px tiles overlapping by 64 (the server's
-defaults), timed round-robin per image (core/pipeline.py for the graphs, core/cascade.py for
-the cascade). Reports IoU, mean ms per image, the share of windows that reached each depth,
-the cost of a window that escalates all the way against L4 alone ("never pay twice"), and the
-quality score's rank correlation with the per-image IoU. Writes benchmarks/results/adaptive.json
+Exports the checkpoints (fp32 and int8 graphs, stage graphs, cascade calibrated on each
+source's validation split) to runs/adaptive/ (without a synthetic checkpoint the HeLa one serves
+the synthetic sets too, with its HeLa-calibrated cascade), then on three sets (the HeLa test
+frames 17-19, synthetic test images, and large sparse synthetic images: the generator's 12-45
+nuclei on a --sparse-size field, most 512-px tiles pure background) runs every fixed graph and
+the cascade at each target as served: whole images up to 1 Mpixel, else 512-px tiles
+overlapping by 64 (the server's defaults), timed round-robin per image (core/pipeline.py for
+the graphs, core/cascade.py for the cascade). Reports IoU, mean ms per image, the share of windows that reached each depth,
+the cost of a window that escalates all the way against L4 alone ("never pay twice", also
+measured on its own at 256 x 256 with --never-repeats interleaved runs), and the quality
+score's rank correlation with the per-image IoU. Writes benchmarks/results/adaptive.json
 and re-renders benchmarks/REPORT.md.
 """
 
@@ -162,6 +164,22 @@ def _iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return int((mask & truth).sum()) / union if union else 1.0
 
 
+def never_pay_twice(repo: Path, size: int, repeats: int) -> dict[str, Any]:
+    """Stages 1-4 (every node once, handed on between stage graphs) against L4 alone on one
+    size x size input, interleaved."""
+    model = LocalModel.open(repo)
+    cascade = Cascade.open(repo, model.manifest)
+    x = np.random.default_rng(0).random((model.manifest.in_channels, size, size), np.float32)
+    deepest = model.graphs[f"L{cascade.deepest}"]
+    times = interleaved_ms(
+        {"L4": lambda: model.run(deepest, x), "stages": lambda: cascade.heads(x)},
+        repeats=repeats,
+    )
+    l4, stages = statistics.median(times["L4"]), statistics.median(times["stages"])
+    return {"size": size, "repeats": repeats, "l4_ms": round(l4, 2), "stages_ms": round(stages, 2),
+            "ratio": round(stages / l4, 3)}  # fmt: skip
+
+
 def goals(sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The issue's goals, checked on the measured figures."""
     out = {}
@@ -206,20 +224,23 @@ def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hela-checkpoint", type=Path, required=True)
-    parser.add_argument("--synthetic-checkpoint", type=Path, required=True)
+    parser.add_argument("--synthetic-checkpoint", type=Path, help="default: the HeLa one")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "adaptive")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs per image and variant")
-    parser.add_argument("--synthetic-images", type=int, default=16)
-    parser.add_argument("--sparse-images", type=int, default=2)
-    parser.add_argument("--sparse-size", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=1, help="timed runs per image and variant")
+    parser.add_argument("--synthetic-images", type=int, default=8)
+    parser.add_argument("--sparse-images", type=int, default=1)
+    parser.add_argument("--sparse-size", type=int, default=1280)
+    parser.add_argument("--never-repeats", type=int, default=5)
     parser.add_argument("--calib-images", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="one round, fewer images")
     args = parser.parse_args()
     study = Study("adaptive", args.quick)
     rounds = 1 if args.quick else args.rounds
     hela = export(args.hela_checkpoint, args.out / "hela", "hela", args.calib_images)
-    synthetic = export(
-        args.synthetic_checkpoint, args.out / "synthetic", "synthetic", args.calib_images
+    synthetic = (
+        export(args.synthetic_checkpoint, args.out / "synthetic", "synthetic", args.calib_images)
+        if args.synthetic_checkpoint
+        else hela
     )
     n = 4 if args.quick else args.synthetic_images
     synthetic_test = synthetic_split("test", count=n)
@@ -240,8 +261,10 @@ def main() -> None:
         64,
     )
     study.save(
-        checkpoints={"hela": shown(args.hela_checkpoint), "synthetic": shown(args.synthetic_checkpoint)},
+        checkpoints={"hela": shown(args.hela_checkpoint)}
+        | ({"synthetic": shown(args.synthetic_checkpoint)} if args.synthetic_checkpoint else {}),
         rounds=rounds,
+        never_pay_twice_256=never_pay_twice(hela, 256, args.never_repeats),
         sets=sets,
         goals=goals(sets),
         quality=scores,

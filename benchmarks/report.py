@@ -536,6 +536,7 @@ Against {goal["reference"]} ({100 * goal["reference_iou"]:.2f}, {goal["reference
         for k, v in d["quality"].items()
     ]
     body = "\n\n".join(parts)
+    npt = d["never_pay_twice_256"]
     return f"""## Adaptive depth (`adaptive`)
 
 {run_facts(d)}
@@ -547,6 +548,10 @@ image ({d["rounds"]} rounds, the median per image, then the mean over images), o
 default threads; IoU micro-averaged over the set. Cascade rows in bold.
 
 {body}
+
+Never pay twice, on its own: one {npt["size"]}x{npt["size"]} input, stages 1-4 (every head)
+{npt["stages_ms"]:.0f} ms against L4 alone {npt["l4_ms"]:.0f} ms, medians of {npt["repeats"]}
+interleaved runs: **{npt["ratio"]:.2f}x** (goal <= 1.15x).
 
 The quality score (Dice between the L3 and L4 masks, from one pass of the network) against the
 real IoU of L4: Spearman's rank correlation per image and per block of the image.
