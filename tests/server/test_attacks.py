@@ -266,6 +266,7 @@ def test_metric_labels_stay_bounded_and_redirects_never_echo_host(server):
             token = uuid.uuid4().hex
             assert client.get(f"/{token}/").status_code == 404
             assert client.get(f"/v1/models/{token}").status_code == 404
+            assert client.get(f"/v2/models/{token}/").status_code == 404  # was a 307 per path
             assert client.request(f"M{token}", "/healthz").status_code == 405
         r = client.get("/v1/models/", headers={"Host": "evil.example"})
         assert r.status_code == 404 and "location" not in r.headers, r.headers
