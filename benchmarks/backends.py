@@ -1,7 +1,7 @@
 """onnxruntime against OpenVINO (core/backends.py) on every graph of a model repository, at
 256 and 512, batch 1 and 8: fp32 and int8 on both, bf16 on OpenVINO, with mask agreement.
 
-    .venv/bin/python -m benchmarks.backends --models DIR [--repeats 5]
+    .venv/bin/python -m benchmarks.backends --models DIR [--repeats 5] [--shapes 256x1,512x1]
     .venv/bin/python -m benchmarks.backends --models DIR --quick   # 256, batch 1, 2 repeats
 
 Per (size, batch, level) the variants are opened together and timed interleaved (round-robin,
@@ -9,8 +9,10 @@ rotating order, 50 ms pause before each run so that one runtime's spinning threa
 the other), median of the repeats; each session on every core (the runtimes' defaults), the
 onnxruntime arena on. Ratios are against onnxruntime fp32 of the same graph, size and batch.
 Agreement: the fraction of mask pixels (logit > the manifest's threshold) equal to onnxruntime
-fp32's, on synthetic nuclei images preprocessed by the manifest's recipe. The load average is
-recorded beside every row: the machine is shared.
+fp32's, on synthetic nuclei images preprocessed by the manifest's recipe; and the same at the
+median of onnxruntime fp32's logits as the cut (half the pixels on each side: sensitive to
+precision even for a model whose masks are nearly empty). The load average is recorded beside
+every row: the machine is shared.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def measure(models: Path, level: int, size: int, batch: int, repeats: int) -> li
     cut = logit_threshold(load_repository(models).threshold)
     x = inputs(models, size, batch)
     sessions = variants(models, level)
-    masks = {key: s.run(x, "logits") > cut for key, s in sessions.items()}
+    logits = {key: s.run(x, "logits") for key, s in sessions.items()}
+    median = float(np.median(logits[REFERENCE]))  # half the reference's pixels on each side
+    masks = {key: out > cut for key, out in logits.items()}
+    halves = {key: out > median for key, out in logits.items()}
     names = {f"{b} {p}": (b, p) for b, p in sessions}
     load = load_average()
     times = interleaved_ms(
@@ -84,6 +89,8 @@ def measure(models: Path, level: int, size: int, batch: int, repeats: int) -> li
                 "ms_per_image": round(ms["median"] / batch, 2),
                 "speedup_vs_ort_fp32": round(base / ms["median"], 3),
                 "mask_agreement": round(float((masks[key] == masks[REFERENCE]).mean()), 5),
+                "foreground": round(float(masks[REFERENCE].mean()), 4),
+                "median_cut_agreement": round(float((halves[key] == halves[REFERENCE]).mean()), 5),
                 "load_average": load,
             }
         )
@@ -102,9 +109,13 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True, help="a model repository")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--levels", default="1,2,3,4")
+    parser.add_argument(
+        "--shapes", default="256x1,256x8,512x1,512x8", help="SIZExBATCH, comma-separated"
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    shapes = [(256, 1)] if args.quick else [(256, 1), (256, 8), (512, 1), (512, 8)]
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes = [(256, 1)] if args.quick else shapes
     repeats = 2 if args.quick else args.repeats
     study = Study("backends", args.quick)
     rows = [

@@ -714,9 +714,11 @@ def backends_section(d: dict[str, Any], where: Place) -> str:
     def cell(r: dict[str, Any] | None) -> str:
         if r is None:
             return "—"
+        median = r.get("median_cut_agreement")
         return (
             f"{r['ms_per_image']:.1f} (x{r['speedup_vs_ort_fp32']:.2f}, "
-            f"{100 * r['mask_agreement']:.2f}%)"
+            f"{100 * r['mask_agreement']:.2f}%"
+            + (f" / {100 * median:.2f}%)" if median is not None else ")")
         )
 
     table = md_table(
@@ -736,7 +738,8 @@ def backends_section(d: dict[str, Any], where: Place) -> str:
 
 Repository `{d["models"]}`; OpenVINO {d["openvino"]}. Each cell: milliseconds per image
 (median, interleaved), its speed-up over onnxruntime fp32 of the same graph, size and batch,
-and the share of mask pixels equal to onnxruntime fp32's.
+and the share of mask pixels equal to onnxruntime fp32's at the manifest's threshold / at the
+median of onnxruntime fp32's logits (half the pixels on each side).
 
 {table}
 """
