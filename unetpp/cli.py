@@ -215,6 +215,21 @@ def _predict(p: argparse.ArgumentParser) -> None:
     )
 
 
+@command("models", "unetpp.control:main", "list, load, unload and reload a server's models")
+def _models(p: argparse.ArgumentParser) -> None:
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--server", required=True, metavar="URL", help="the unetpp server")
+    server.add_argument("--api-key", help="the server's key (default: env UNETPP_API_KEY)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", parents=[server], help="every model: state, version, graphs")
+    for name, help_text in (("load", "load (or reload) one model"), ("unload", "stop serving one")):
+        actions.add_parser(name, parents=[server], help=help_text).add_argument("name")
+    reload = actions.add_parser(
+        "reload", parents=[server], help="reload one model, or every model (as SIGHUP does)"
+    )
+    reload.add_argument("name", nargs="?")
+
+
 @command("demo", "unetpp.demo:main", "build the default model once (train + export), then serve it")
 def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(

@@ -403,7 +403,9 @@ class _Base:
 
 
 def _model_control(action: str, name: str | None = None) -> Call[Any]:
-    path = "/v2/repository/index" if name is None else f"/v2/repository/models/{name}/{action}"
+    """index, load NAME, unload NAME (the repository extension), reload (every model)."""
+    paths = {"index": "/v2/repository/index", "reload": "/v1/admin/reload"}
+    path = paths[action] if name is None else f"/v2/repository/models/{name}/{action}"
     return Call("POST", path, read_optional_json, safe=action == "index")
 
 
@@ -463,6 +465,10 @@ class Client(_Base):
     def unload(self, name: str) -> Any:
         return self.send(_model_control("unload", name))
 
+    def reload(self) -> Any:
+        """Reload every model of the server's repository (as SIGHUP does)."""
+        return self.send(_model_control("reload"))
+
 
 class AsyncClient(_Base):
     """The asyncio client; `async with AsyncClient(url) as client: await client.segment(...)`."""
@@ -518,3 +524,7 @@ class AsyncClient(_Base):
 
     async def unload(self, name: str) -> Any:
         return await self.send(_model_control("unload", name))
+
+    async def reload(self) -> Any:
+        """Reload every model of the server's repository (as SIGHUP does)."""
+        return await self.send(_model_control("reload"))
