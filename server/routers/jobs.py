@@ -15,11 +15,13 @@ from unetpp.core import slide
 from unetpp.core.errors import BadParameter, UNetPPError
 from unetpp.server.errors import UnsupportedMediaType
 from unetpp.server.jobs import CHUNK, DONE, TERMINAL, JobNotDone, Jobs, JobStore
+from unetpp.server.routers import segment
 from unetpp.server.routers.segment import RouteParams
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 TIFF_TYPES = ("image/tiff", "application/octet-stream")
+BINARY = {"type": "string", "format": "binary"}
 
 
 class JobsDisabled(UNetPPError):
@@ -29,18 +31,10 @@ class JobsDisabled(UNetPPError):
     error = "jobs_disabled"
 
 
+MULTIPART = segment.REQUEST_BODY["content"]["multipart/form-data"]  # field `image`
 REQUEST_BODY: dict[str, Any] = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"image": {"type": "string", "format": "binary"}},
-                "required": ["image"],
-            }
-        },
-        **{t: {"schema": {"type": "string", "format": "binary"}} for t in TIFF_TYPES},
-    },
+    **segment.REQUEST_BODY,
+    "content": {"multipart/form-data": MULTIPART, **{t: {"schema": BINARY} for t in TIFF_TYPES}},
     "description": "A TIFF (BigTIFF, OME-TIFF; tiled or stripped), streamed to disk: the raw "
     "body, or multipart field `image`.",
 }
