@@ -39,9 +39,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
-# uvicorn's listen backlog, which is also how many connections asyncio accepts in one go before
-# any of them can be refused: they hold open files for a moment, so the cap leaves room for them
-BACKLOG = 2048
+# The listen backlog, which is also how many connections asyncio accepts in one pass of its
+# event loop. An accepted socket holds an open file for about four passes before a refusal or an
+# eviction closes it, so a flood keeps up to IN_FLIGHT_FILES more open than the cap: the cap
+# leaves room for them under the open-file limit. (uvicorn's default of 2,048 let a flood of
+# 6,000 connections pass a limit of 4,096 open files.)
+BACKLOG = 256
+IN_FLIGHT_FILES = 4 * BACKLOG
 RESERVED_FILES = 256  # the process's own files: graphs, logs, onnxruntime's threads
 DROP_REASONS = ("refused", "evicted", "header_timeout", "write_timeout")
 
@@ -76,11 +80,11 @@ class ConnectionGuard:
         """`max_connections`, lowered to fit under the process's open-file limit."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         room = settings.max_connections if soft == resource.RLIM_INFINITY else soft
-        limit = min(settings.max_connections, room - BACKLOG - RESERVED_FILES)
+        limit = min(settings.max_connections, room - IN_FLIGHT_FILES - RESERVED_FILES)
         if limit < 1:
             raise InvalidInput(
                 f"the open-file limit ({soft}) leaves no room for connections: raise it "
-                f"(ulimit -n) above {BACKLOG + RESERVED_FILES}"
+                f"(ulimit -n) above {IN_FLIGHT_FILES + RESERVED_FILES}"
             )
         if limit < settings.max_connections:
             log.warning("at most %d connections (the open-file limit is %d)", limit, soft)
