@@ -2,10 +2,11 @@
 
 `split(mask)` cuts the foreground into objects: connected components, and a component that
 holds several nuclei-like bulges is cut between them. The bulges are the maxima of the
-smoothed (chessboard) distance transform of the mask (at least `footprint` pixels apart, at
-least `min_radius` deep); the pixels of a component with several maxima go to the nearest
-maximum (a Voronoi cut inside the component, computed only for such components), keeping
-each piece's largest 4-connected part so that every outline is one polygon.
+smoothed (chessboard) distance transform of the mask (each the deepest point of the
+`footprint`-wide square around it, deeper than `min_radius`); the pixels of a component with
+several maxima go to the nearest one (a Voronoi cut inside the component, computed only for
+such components), keeping each piece's largest 4-connected part so that every outline is one
+polygon.
 docs/instances.md has the measured comparison with connected components alone and with
 watersheds (benchmarks/instances.py).
 
@@ -30,7 +31,7 @@ from scipy import ndimage as ndi
 from unetpp.core.errors import InvalidInput
 from unetpp.core.imageio import encode_png
 
-FOOTPRINT = 21  # pixels: two maxima of one object are at least this far apart (HeLa: 21)
+FOOTPRINT = 21  # pixels: a seed is the deepest point of the FOOTPRINT-wide square around it
 MIN_RADIUS = 2.0  # pixels: shallower maxima (thin bridges, specks) seed no object
 SMOOTHING = 2.0  # sigma of the Gaussian on the distance transform, in pixels
 MAX_OBJECTS = 65535  # the label PNG is 16-bit
@@ -73,7 +74,8 @@ def maxima(
     smoothing: float = SMOOTHING,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The smoothed distance transform of the mask ("depth", float32) and its maxima as
-    labelled seeds (int32): the deepest points within `footprint`, deeper than `min_radius`."""
+    labelled seeds (int32): the deepest points of the `footprint`-wide squares around them,
+    deeper than `min_radius`."""
     depth = ndi.distance_transform_cdt(mask, "chessboard").astype(np.float32)
     depth = ndi.gaussian_filter(depth, smoothing)
     peaks = (depth >= ndi.maximum_filter(depth, size=footprint)) & mask & (depth > min_radius)
@@ -116,14 +118,17 @@ class Objects:
 
 def measure(labels: np.ndarray, probability: np.ndarray) -> Objects:
     n = int(labels.max()) if labels.size else 0
-    if n > MAX_OBJECTS:
-        raise InvalidInput(f"{n} objects: at most {MAX_OBJECTS} fit a 16-bit label image")
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     total = np.bincount(labels.ravel(), weights=probability.ravel(), minlength=n + 1)[1:]
     return Objects(labels, area, total / np.maximum(area, 1))
 
 
 def label_png(labels: np.ndarray) -> bytes:
+    n = int(labels.max()) if labels.size else 0
+    if n > MAX_OBJECTS:
+        raise InvalidInput(
+            f"{n} objects: at most {MAX_OBJECTS} fit a 16-bit label image; ask for geojson or coco"
+        )
     return encode_png(labels.astype(np.uint16))
 
 
