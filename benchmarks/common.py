@@ -266,3 +266,40 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def full_width_repository(out: Path, int8: bool = True) -> Path:
+    """A model repository of the full-width UNet++ (`ModelConfig()`'s defaults) with seeded
+    random weights: L1..L4 fp32 (and int8 when `int8`), no ensemble, no cascade, no accuracy.
+    Latency and memory do not depend on the weights. Made once per path (kept when its
+    manifest exists)."""
+    out = Path(out)
+    if (out / "model.json").exists():
+        return out
+    import torch
+    from unetpp.core.datasets import data_task, synthetic_split
+    from unetpp.core.preprocess import Preprocessing
+    from unetpp.export.repository import ExportOptions, export_repository
+    from unetpp.model.checkpoint import Checkpoint, save_checkpoint
+    from unetpp.model.unetpp import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = save_checkpoint(
+        out.parent / f"{out.name}.pt",
+        Checkpoint(
+            config,
+            Preprocessing(),
+            build_model(config).eval().state_dict(),
+            data={"source": "untrained (seeded random weights)"},
+            task=data_task("synthetic"),
+        ),
+    )
+    export_repository(
+        checkpoint,
+        out,
+        calibration_samples=synthetic_split("train", count=4) if int8 else (),
+        options=ExportOptions(int8=int8, ensemble="never", cascade_targets=(), name="unetpp"),
+    )
+    return out

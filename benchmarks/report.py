@@ -745,6 +745,52 @@ median of onnxruntime fp32's logits (half the pixels on each side).
 """
 
 
+def startup_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/startup.py: process start to ready and to the first answer, before/after."""
+    rows = d["rows"]
+
+    def spread(r: dict[str, Any], key: str) -> str:
+        values = [run[key] for run in r["runs"]]
+        return f"**{r[key]:.1f}** ({min(values):.1f}..{max(values):.1f})"
+
+    table = md_table(
+        ["server", "graphs", "listening s", "sessions open s", "ready s", "first answer s",
+         "load average (1 min) per run"],
+        [
+            [
+                f"{r['version']} (`{r['commit']}`)", r["graphs"], f"{r['listening_s']:.1f}",
+                f"{r['sessions_s']:.1f}", spread(r, "ready_s"), spread(r, "first_answer_s"),
+                ", ".join(f"{run['load_average'][0]:.1f}" for run in r["runs"]),
+            ]
+            for r in rows
+        ],
+        "lrrrrrr",
+    )  # fmt: skip
+    by = {(r["version"], r["graphs"]): r for r in rows}
+    ratios = ", ".join(
+        f"{n} graph(s) {by['before', n]['ready_s'] / by['after', n]['ready_s']:.1f}x"
+        for n in sorted({r["graphs"] for r in rows})
+        if ("before", n) in by and ("after", n) in by
+    )
+    return f"""## Start-up time (`startup`)
+
+{run_facts(d)}
+
+`unetpp serve` started as a subprocess on a repository of one graph (L1 fp32) and of eight
+(L1..L4 fp32 and int8) of the full-width UNet++ (`{d["models"]}`, untrained weights: latency
+does not depend on them), timed from just before the process starts: *listening* (the first
+answer of `/readyz`), *sessions open* (the server's log line saying its graphs are loaded),
+*ready* (`/readyz` 200) and *first answer* (a {d["image"]} sent to `/v1/segment` as soon as it
+is ready, answered). *before* is the server that calibrated every graph at start-up (each at
+the reference and the tile size, warm-up and repeats); *after* probes each graph once at the
+reference size and refines in the background. Medians of {len(rows[0]["runs"])} interleaved
+runs (min..max in brackets). Ready, before over after: {ratios}. The goal is ready within 5 s
+with eight graphs; the load average says how far this shared CPU was from idle.
+
+{table}
+"""
+
+
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
     "pruning": pruning_section,
@@ -759,6 +805,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "slide": slide_section,
     "backends": backends_section,
     "instances": instances_section,
+    "startup": startup_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
