@@ -148,14 +148,15 @@ def measure_latency(
     batch: int = 1,
     repeats: int = 10,
     warmup: int = 2,
+    options: ort.RunOptions | None = None,
 ) -> float:
     """Median milliseconds of one run on a random size x size input."""
     x = np.random.default_rng(0).random((batch, channels, size, size), dtype=np.float32)
     for _ in range(warmup):
-        run_batch(session, x, output)
+        run_batch(session, x, output, options)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run_batch(session, x, output)
+        run_batch(session, x, output, options)
         times.append(time.perf_counter() - start)
     return 1000.0 * float(np.median(times))

@@ -37,8 +37,11 @@ from unetpp.server.settings import Settings
 log = logging.getLogger(__name__)
 
 # Activation bytes per input pixel assumed where the kernel cannot measure them: above what
-# the largest graph (L4 fp32, batch 1) was measured to take on this project's CPU (~2,000).
-UNMEASURED_BYTES_PER_PIXEL = 2560
+# the largest graph (L4 fp32) was measured to take on this project's CPU (2,000-2,750).
+UNMEASURED_BYTES_PER_PIXEL = 3200
+# A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
+# several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
+MEMORY_MARGIN = 1.3
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,17 @@ class GraphFigures:
     latency_source: dict[int, str] | None = None  # size -> "probe", "estimate", "calibrated"
     requests: int = 0
     missed: int = 0
+
+    def measured(self, peak: int | None, pixels: int) -> None:
+        """A run of `pixels` input pixels peaked `peak` bytes above rest (None: unknown): the
+        figure is the largest measured so far, with the margin."""
+        if not peak:
+            return
+        per_pixel = int(MEMORY_MARGIN * peak / pixels) + 1
+        if self.memory_source == "assumed":
+            self.bytes_per_pixel, self.memory_source = per_pixel, "measured"
+        else:
+            self.bytes_per_pixel = max(self.bytes_per_pixel, per_pixel)
 
 
 class Engine:
@@ -149,9 +163,7 @@ class Engine:
             if stop is not None and stop.is_set():
                 raise NotReady("shutting down: start-up abandoned")
             peak = memory.peak_during(lambda runner=runner: runner(x))
-            figures = self.figures[name]
-            if peak:
-                figures.bytes_per_pixel, figures.memory_source = -(-peak // (ref * ref)), "measured"
+            self.figures[name].measured(peak, ref * ref)
             start = time.perf_counter()
             runner(x)
             ms = 1000.0 * (time.perf_counter() - start)
@@ -181,7 +193,6 @@ class Engine:
         """Measure every graph at the tile size, one at a time, each when the engine is idle
         and the memory budget has room for it (background; a stop ends it between graphs)."""
         size = self.settings.tile_size
-        channels = self.model.manifest.in_channels
         for name, runner in self.runners.items():
             sources = self.figures[name].latency_source
             assert sources is not None
@@ -196,19 +207,30 @@ class Engine:
                 return
             self.budget.take(cost)
             try:
-                ms = await asyncio.to_thread(
-                    measure_latency,
+                ms, peak = await asyncio.to_thread(self._calibrate, runner, size)
+            finally:
+                self.budget.release(cost)
+            self.figures[name].measured(peak, size * size)
+            self._seed(name, size, ms, "calibrated")
+            log.info("%s: calibrated %s at %d px: %.1f ms", self.name, name, size, ms)
+
+    def _calibrate(self, runner: Runner, size: int) -> tuple[float, int | None]:
+        """Median ms of `runner` at size x size, and the peak bytes above rest (blocking)."""
+        timed: list[float] = []
+        peak = memory.peak_during(
+            lambda: timed.append(
+                measure_latency(
                     runner.session,
                     size,
-                    channels,
+                    self.model.manifest.in_channels,
                     runner.graph.output,
                     repeats=self.settings.calibration_repeats,
                     warmup=1,
+                    options=runner.options,
                 )
-            finally:
-                self.budget.release(cost)
-            self._seed(name, size, ms, "calibrated")
-            log.info("%s: calibrated %s at %d px: %.1f ms", self.name, name, size, ms)
+            )
+        )
+        return timed[0], peak
 
     async def start(self) -> None:
         self.batcher.start()

@@ -40,7 +40,7 @@ from unetpp.server.settings import Settings
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-HEADROOM = 0.1  # share of the ceiling left for what budgets do not count (Python, buffers)
+HEADROOM = 0.2  # share of the ceiling left for what budgets do not count (Python, buffers)
 SMALLEST_BUDGET = 64 << 20
 DEFAULT_CEILING = 4 << 30  # without a memory_limit setting or a cgroup limit
 
