@@ -151,37 +151,45 @@ class Engine:
     # --- start-up: ready in seconds, refined in the background -------------------------------
 
     def probe(self, stop: threading.Event | None = None) -> None:
-        """Run every graph twice at the reference size (blocking): the first run's peak memory
-        gives its bytes per input pixel, the second its latency; other sizes are estimated from
-        the manifest's export-time latencies, scaled by this machine's speed against the
-        export's (the median ratio over the graphs that have one)."""
+        """Run every graph once at the reference size (blocking): its peak memory gives its
+        bytes per input pixel. Then time one more run of the graph the export measured fastest:
+        every graph's latency is the export's figure scaled by that graph's speed here against
+        the export's (a graph the export did not time keeps its first run, warm-up included)."""
         manifest = self.model.manifest
         ref = manifest.reference_size
         x = np.random.default_rng(0).random((1, manifest.in_channels, ref, ref), np.float32)
-        ratios = []
+        first: dict[str, float] = {}
         for name, runner in self.runners.items():
             if stop is not None and stop.is_set():
                 raise NotReady("shutting down: start-up abandoned")
-            peak = memory.peak_during(lambda runner=runner: runner(x))
-            self.figures[name].measured(peak, ref * ref)
             start = time.perf_counter()
-            runner(x)
+            peak = memory.peak_during(lambda runner=runner: runner(x))
+            first[name] = 1000.0 * (time.perf_counter() - start)
+            self.figures[name].measured(peak, ref * ref)
+        exported = {n: r.graph.latency_ms for n, r in self.runners.items()}
+        timed = [n for n in self.runners if str(ref) in exported[n]]
+        scale = None
+        if timed:
+            fastest = min(timed, key=lambda n: exported[n][str(ref)])
+            start = time.perf_counter()
+            self.runners[fastest](x)
             ms = 1000.0 * (time.perf_counter() - start)
-            self._seed(name, ref, ms, "probe")
-            exported = runner.graph.latency_ms.get(str(ref))
-            if exported:
-                ratios.append(ms / exported)
-        scale = float(np.median(ratios)) if ratios else None
-        for name, runner in self.runners.items():
-            for size, ms in runner.graph.latency_ms.items():
-                if int(size) != ref and scale is not None:
-                    self._seed(name, int(size), ms * scale, "estimate")
+            scale = ms / exported[fastest][str(ref)]
+        for name in self.runners:
+            if scale is None or not exported[name]:
+                self._seed(name, ref, first[name], "estimate")
+                continue
+            for size, ms in exported[name].items():
+                self._seed(name, int(size), ms * scale, "estimate")
+        if scale is not None:
+            self._seed(fastest, ref, exported[fastest][str(ref)] * scale, "probe")
         log.info(
-            "%s: probed %s at %d px (bytes per pixel %s)",
+            "%s: probed %s at %d px (bytes per pixel %s; latency %s the export's)",
             self.name,
             ", ".join(self.runners),
             ref,
             {n: f.bytes_per_pixel for n, f in self.figures.items()},
+            "unknown against" if scale is None else f"{scale:.2f}x",
         )
 
     def _seed(self, graph: str, size: int, ms: float, source: str) -> None:

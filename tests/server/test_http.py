@@ -86,9 +86,9 @@ def test_health_ready_and_models(live, tiny_repository):
         assert shown["accuracy"]["iou"] == graph.accuracy.iou
         assert shown["parameters"] == graph.parameters and shown["level"] == graph.level
         sources = shown["latency_ms"]["sources"]
-        # ready after one probe at the reference size; the tile size is measured in the
-        # background (or still an estimate from the export's figures)
-        assert sources[str(manifest.reference_size)] == "probe"
+        # ready after one probe run per graph at the reference size: one graph timed, the
+        # others estimated from it; the tile size is measured in the background
+        assert sources[str(manifest.reference_size)] in {"probe", "estimate"}
         assert all(v > 0 for v in shown["latency_ms"]["known"].values())
         assert shown["bytes_per_pixel"] > 0 and shown["memory_source"] == "measured"
     assert set(models["modes_at_reference"]) == {"fast", "balanced", "accurate"}
