@@ -37,6 +37,21 @@ def _has_image(name: str) -> bool:
     return subprocess.run(["podman", "image", "exists", name]).returncode == 0
 
 
+def debian_mirror() -> str:
+    """This machine's own Debian mirror, as its apt sources name it (no host name is written
+    here: the machines that run this reach only their configured mirror)."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        fields = line.split()
+        if fields[:1] == ["deb"]:
+            return next(f for f in fields[1:] if "://" in f)
+    raise RuntimeError("no Debian mirror in this machine's apt sources")
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     tools = [t for t in ("podman", "buildah", "debootstrap") if not shutil.which(t)]
@@ -52,7 +67,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
             "--include=python3,python3-venv,ca-certificates",
             "bookworm",
             str(rootfs),
-            "http://deb.debian.org/debian",
+            debian_mirror(),
         )
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(
