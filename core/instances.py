@@ -6,7 +6,7 @@ smoothed (chessboard) distance transform of the mask (each the deepest point of 
 `footprint`-wide square around it, deeper than `min_radius`); the pixels of a component with
 several maxima go to the nearest one (a Voronoi cut inside the component, computed only for
 such components), keeping each piece's largest 4-connected part so that every outline is one
-polygon.
+polygon. Objects smaller than `min_area` pixels are dropped.
 docs/instances.md has the measured comparison with connected components alone and with
 watersheds (benchmarks/instances.py).
 
@@ -34,6 +34,7 @@ from unetpp.core.imageio import encode_png
 FOOTPRINT = 21  # pixels: a seed is the deepest point of the FOOTPRINT-wide square around it
 MIN_RADIUS = 2.0  # pixels: shallower maxima (thin bridges, specks) seed no object
 SMOOTHING = 2.0  # sigma of the Gaussian on the distance transform, in pixels
+MIN_AREA = 100  # pixels: smaller objects are specks, dropped (HeLa's smallest nucleus: 125)
 MAX_OBJECTS = 65535  # the label PNG is 16-bit
 
 _FOUR = ndi.generate_binary_structure(2, 1)
@@ -46,6 +47,7 @@ def split(
     footprint: int = FOOTPRINT,
     min_radius: float = MIN_RADIUS,
     smoothing: float = SMOOTHING,
+    min_area: int = MIN_AREA,
 ) -> np.ndarray:
     """Boolean H x W foreground -> int32 label image, 0 background, objects 1..N."""
     mask = np.asarray(mask, dtype=bool)
@@ -63,7 +65,16 @@ def split(
     next_label = count + 1
     for index in np.flatnonzero(seeds_per_component > 1):
         next_label = _cut(labels, seeds, index, windows[index - 1], next_label)
-    return labels
+    return drop_small(labels, min_area)
+
+
+def drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """The objects of at least `min_area` pixels, renumbered 1..N in their order."""
+    keep = np.bincount(labels.ravel()) >= min_area
+    keep[0] = False
+    if keep[1:].all():
+        return labels
+    return (np.cumsum(keep, dtype=np.int32) * keep)[labels]
 
 
 def maxima(

@@ -45,6 +45,16 @@ def test_touching_objects_are_split_and_separate_ones_kept() -> None:
     assert ((labels > 0) == (true > 0)).all()  # no pixel lost: nothing was cut off
 
 
+def test_specks_are_dropped_and_the_rest_renumbered() -> None:
+    true = touching_discs()
+    mask = true > 0
+    mask[2:8, 2:8] = True  # 36 px, above and before every disc in scan order
+    labels = instances.split(mask)
+    assert labels[2:8, 2:8].max() == 0
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    assert instances.split(mask, min_area=36)[2, 2] == 1  # kept when allowed, numbered first
+
+
 def test_one_convex_object_is_not_split() -> None:
     mask = np.zeros((64, 64), bool)
     mask[10:50, 12:40] = True  # an elongated box: one distance maximum ridge
