@@ -62,16 +62,30 @@ class JobSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="UNETPP_JOBS_", frozen=True)
 
-    dir: Path | None = Field(None, description="the jobs directory; unset: no jobs")
-    max_jobs: int = Field(100, ge=1, description="jobs held at once (any state)")
-    max_bytes: int = Field(64 << 30, ge=1, description="bytes held in all jobs' folders")
+    dir: Path | None = Field(
+        None, description="the jobs directory (a shared volume for replicas); unset: no jobs"
+    )
+    max_jobs: int = Field(
+        100, ge=1, description="jobs held at once, in any state (uploads in progress count)"
+    )
+    max_bytes: int = Field(
+        64 << 30, ge=1, description="bytes of all jobs' folders (uploads and results)"
+    )
     max_upload_bytes: int = Field(16 << 30, ge=1, description="bytes of one job's upload")
-    ttl_s: float = Field(24 * 3600.0, gt=0, description="a finished job is deleted this long after")
+    ttl_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="a finished job (done, failed, cancelled) is deleted this long after",
+    )
     workers: int = Field(1, ge=1, description="jobs this process runs at once")
     poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for work")
-    max_attempts: int = Field(3, ge=1, description="runs of a job whose runner keeps dying")
-    tile_size: int = Field(512, ge=16, multiple_of=16)
-    tile_overlap: int = Field(64, ge=0, multiple_of=16)
+    max_attempts: int = Field(
+        3, ge=1, description="starts of a job whose runner keeps dying before it is marked failed"
+    )
+    tile_size: int = Field(512, ge=16, multiple_of=16, description="window side of a job's tiles")
+    tile_overlap: int = Field(
+        64, ge=0, multiple_of=16, description="overlap of neighbouring windows"
+    )
     batch: int = Field(4, ge=1, description="windows per run of the graph")
 
 

@@ -14,7 +14,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class Settings(BaseSettings):
-    """What `unetpp serve` reads; README's "Serving" section documents each field."""
+    """What `unetpp serve` reads. docs/settings.md is generated from these fields
+    (`python docs/generate.py`), so each description is the documentation of its setting."""
 
     model_config = SettingsConfigDict(env_prefix="UNETPP_", frozen=True)
 
@@ -26,21 +27,25 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None, description="the model plain /v1/segment serves (default: the only one)"
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Device = "auto"
+    host: str = Field("127.0.0.1", description="address to listen on (`--host`)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (`--port`)")
+    device: Device = Field(
+        "auto",
+        description="auto: CUDA only if a session really runs on it, else CPU; cpu; cuda: not "
+        "ready (with the reason) if CUDA cannot run",
+    )
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session; 0: all")
     workers: int = Field(1, ge=1, description="batches run at the same time")
     memory_arena: bool = Field(
         True, description="onnxruntime's CPU arena: faster, but keeps the largest batch's memory"
     )
 
-    max_batch: int = Field(8, ge=1)
+    max_batch: int = Field(8, ge=1, description="images (or tiles) per batch")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a batch waits for more requests")
     max_queue: int = Field(64, ge=1, description="requests admitted at once; more get 503")
     timeout_ms: float = Field(30_000, gt=0, description="default and largest request deadline")
 
-    max_body_bytes: int = Field(64 << 20, ge=1)
+    max_body_bytes: int = Field(64 << 20, ge=1, description="request body limit (413)")
     max_body_bytes_in_flight: int = Field(
         256 << 20,
         ge=1,
@@ -53,8 +58,12 @@ class Settings(BaseSettings):
         description="memory ceiling in bytes that the activation budget keeps the process under "
         "(default: the container's cgroup limit, else 4 GiB)",
     )
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_side: int = Field(16_384, ge=1)
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="pixels of one image, read from its header before decoding (413)",
+    )
+    max_side: int = Field(16_384, ge=1, description="longest side of one image (413)")
     max_pixels_in_flight: int = Field(
         40_000_000,
         ge=1,
@@ -63,12 +72,18 @@ class Settings(BaseSettings):
     )
 
     tile_above_pixels: int = Field(1 << 20, ge=1, description="images larger than this are tiled")
-    tile_size: int = Field(512, ge=MULTIPLE)
-    tile_overlap: int = Field(64, ge=0)
+    tile_size: int = Field(512, ge=MULTIPLE, description="largest tile side, a multiple of 16")
+    tile_overlap: int = Field(
+        64, ge=0, description="overlap of neighbouring tiles, a multiple of 16, under half a tile"
+    )
 
-    default_mode: Mode = "balanced"
+    default_mode: Mode = Field(
+        "balanced", description="the mode of a request that names no rule (docs/routing.md)"
+    )
     fast_tolerance: float = Field(0.02, ge=0, le=1, description="IoU below the best 'fast' accepts")
-    calibration_repeats: int = Field(3, ge=1)
+    calibration_repeats: int = Field(
+        3, ge=1, description="timed runs per graph in the background calibration"
+    )
 
     api_key: SecretStr | None = Field(
         None, description="bearer token required on everything but health (and metrics)"

@@ -1,0 +1,147 @@
+"""The documentation says what the code does: the settings page is the settings classes, every
+command README and docs/ name parses with the CLI, every relative link and anchor resolves."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from unetpp.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS, ROOT / "benchmarks" / "REPORT.md"]
+
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+COMMAND = re.compile(r"(?:^|\s|`)(?:\.venv/bin/)?(unetpp(?: [^`#\n]*)?)")
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks."""
+    return FENCE.sub("", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    found: set[str] = set()
+    for line in prose(page.read_text()).splitlines():
+        if match := re.match(r"#{1,6} (.+)", line):
+            base = slug(match.group(1))
+            name, n = base, 0
+            while name in found:
+                n += 1
+                name = f"{base}-{n}"
+            found.add(name)
+    return found
+
+
+def commands(page: Path) -> list[str]:
+    """Every `unetpp ...` command line the page shows: fenced lines and inline code spans."""
+    text = page.read_text()
+    blocks = [line for block in FENCE.findall(text) for line in block.splitlines()[1:-1]]
+    spans = CODE_SPAN.findall(prose(text))
+    found = []
+    for piece in [*blocks, *spans]:
+        found += [m.group(1).strip() for m in COMMAND.finditer(piece)]
+    return found
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (action,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def options(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings of a parser and of its own subcommands (`unetpp models list`)."""
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= options(child)
+    return found
+
+
+def test_settings_page_is_generated_from_the_settings_classes():
+    generate = load_generator()
+    for cls, _, _ in generate.SECTIONS:
+        undocumented = [name for name, info in cls.model_fields.items() if not info.description]
+        assert not undocumented, f"{cls.__name__}: give these fields a description: {undocumented}"
+    assert (ROOT / "docs" / "settings.md").read_text() == generate.settings_page(), (
+        "docs/settings.md is stale: run .venv/bin/python docs/generate.py"
+    )
+
+
+def test_readme_is_short_and_links_every_docs_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    linked = {Path(target.split("#")[0]).name for target in LINK.findall(prose(text))}
+    assert {page.name for page in DOCS} <= linked
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    blocks = [line for block in FENCE.findall(README.read_text()) for line in block.splitlines()]
+    test_command = ".venv/bin/python -m pytest"
+    assert test_command in blocks
+    assert ci[-1] == test_command
+    assert "pip install -e '.[all]'" in README.read_text()
+
+
+def test_readme_commands_parse_as_written():
+    """README's commands, placeholders and all (a DIR is a path to argparse), parse. A bare
+    `unetpp export` is a mention, and `unetpp COMMAND --help` a pattern: only the name counts."""
+    parser = build_parser()
+    shown = commands(README)
+    assert {line.split()[1] for line in shown if len(line.split()) > 1} >= set(subcommands())
+    for line in shown:
+        words = shlex.split(line)[1:]
+        if len(words) < 2 or words[0].isupper():
+            continue
+        try:
+            parser.parse_args(words)
+        except SystemExit as exc:
+            pytest.fail(f"README: `{line}` does not parse (exit {exc.code})")
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_every_flag_a_page_names_exists(page):
+    known = subcommands()
+    for line in commands(page):
+        words = line.split()
+        if len(words) < 2 or words[1] not in known:
+            continue
+        unknown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line)) - options(known[words[1]])
+        assert not unknown, f"{page.name}: `{line}`: `unetpp {words[1]}` has no {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    for target in LINK.findall(prose(page.read_text())):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: link to {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page.name}: link to {target}: no such heading"
