@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--sparse-size", type=int, default=1280)
     parser.add_argument("--never-repeats", type=int, default=5)
     parser.add_argument("--calib-images", type=int, default=8)
+    parser.add_argument("--note", default="", help="what the report should say about this run")
     parser.add_argument("--quick", action="store_true", help="one round, fewer images")
     args = parser.parse_args()
     study = Study("adaptive", args.quick)
@@ -263,6 +264,7 @@ def main() -> None:
     study.save(
         checkpoints={"hela": shown(args.hela_checkpoint)}
         | ({"synthetic": shown(args.synthetic_checkpoint)} if args.synthetic_checkpoint else {}),
+        note=args.note,
         rounds=rounds,
         never_pay_twice_256=never_pay_twice(hela, 256, args.never_repeats),
         sets=sets,

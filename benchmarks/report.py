@@ -541,6 +541,8 @@ Against {goal["reference"]} ({100 * goal["reference_iou"]:.2f}, {goal["reference
 
 {run_facts(d)}
 
+{d.get("note", "")}
+
 Checkpoints: {", ".join(f"{k} `{v}`" for k, v in d["checkpoints"].items())}. Each exported with
 its cascade calibrated on its own validation split (docs/adaptive.md). Every variant runs as
 served (whole images up to 1 Mpixel, else 512-px tiles overlapping by 64), timed round-robin per

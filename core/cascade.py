@@ -150,12 +150,18 @@ class Cascade:
         overlap: int = tiling.TILE_OVERLAP,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        memory_arena: bool = True,
     ) -> None:
         self.record = record
         self.threshold = threshold
         self.tile_above_pixels, self.tile, self.overlap = tile_above_pixels, tile, overlap
         self.sessions: list[ort.InferenceSession] = [
-            create_session(Path(directory) / s.file, threads=threads, providers=providers)
+            create_session(
+                Path(directory) / s.file,
+                threads=threads,
+                providers=providers,
+                memory_arena=memory_arena,
+            )
             for s in record.stages
         ]
 

@@ -124,7 +124,10 @@ def export_stages(
 def check_stages(cascade: Cascade, directory: Path, inputs: Sequence[np.ndarray]) -> float:
     """The stages' heads, from one pass, against the standalone L1..L4 graphs on `inputs` (C x
     H x W): within LOGITS_TOLERANCE, else ExportError. Returns the largest difference."""
-    levels = [create_session(directory / f"L{k}.onnx") for k in range(1, cascade.deepest + 1)]
+    levels = [
+        create_session(directory / f"L{k}.onnx", memory_arena=False)
+        for k in range(1, cascade.deepest + 1)
+    ]
     worst = 0.0
     for x in inputs:
         for level, (head, session) in enumerate(zip(cascade.heads(x), levels, strict=True), 1):
@@ -229,7 +232,7 @@ def calibrate(
 
     settings = {t: evaluate(t) for t in itertools.product(*grid)}
     full_iou = evaluate([-1.0] * (deepest - 1))[0]
-    session = create_session(deepest_file)
+    session = create_session(deepest_file, memory_arena=False)
     chosen = []
     for target in sorted(targets):
         ok = [t for t, (iou, _) in settings.items() if iou >= full_iou - target - 1e-12]
@@ -342,7 +345,8 @@ def export_cascade(
     """Stage graphs written to `directory` (next to L1..L4.onnx), checked and calibrated; the
     record and the largest head difference against the level graphs."""
     stages = export_stages(net, directory, in_channels, opset)
-    cascade = Cascade(directory, CascadeRecord(stages, BAND, ()), threshold)
+    # no arenas: eight sessions each keeping its largest run's memory took 9 GB on HeLa frames
+    cascade = Cascade(directory, CascadeRecord(stages, BAND, ()), threshold, memory_arena=False)
     worst = check_stages(cascade, directory, parity_inputs)
     chosen, quality = calibrate(
         cascade, samples, preprocessing, targets=targets, data=data,

@@ -125,6 +125,7 @@ class Engine:
                 overlap=settings.tile_overlap,
                 threads=settings.threads or None,
                 providers=model.providers,
+                memory_arena=settings.memory_arena,
             )
             if model.manifest.cascade and model.manifest.num_classes == 1
             else None
