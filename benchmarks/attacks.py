@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 from unetpp.core.imageio import encode_png
 
-from benchmarks.common import ROOT, Study, free_port, load_average, place, shown
+from benchmarks.common import ROOT, Study, command_line, free_port, load_average, place, shown
 from benchmarks.soak import _image
 
 PROBE_TIMEOUT_S = 5.0
@@ -84,16 +84,18 @@ class Server:
                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
             )
         deadline = time.monotonic() + 900
-        while not self.ready():
+        while (state := self.state()) != "ready":
             assert self.proc.poll() is None, f"the server exited; see {self.log}"
+            assert state != "failed", f"the model did not load; see {self.log}"
             assert time.monotonic() < deadline, "the server did not become ready"
             time.sleep(0.5)
         threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
 
-    def ready(self) -> bool:
+    def state(self) -> str:
+        """The model's state as /healthz says it: loading, ready, failed ("" before HTTP)."""
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
-        return False
+            return httpx.get(f"{self.url}/healthz", timeout=5).json()["model"]
+        return ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -109,6 +111,7 @@ class Server:
             if rss > self.ceiling_mb:
                 self.killed_at_mb = rss
                 proc.kill()
+                proc.wait()
             time.sleep(0.05)
 
     def status(self, key: str) -> float:
@@ -117,6 +120,18 @@ class Server:
             text = Path(f"/proc/{self.proc.pid}/status").read_text()
             return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
         return 0.0
+
+    def quiet(self, timeout_s: float = 180.0) -> float:
+        """Wait until no request is in flight (the last attack's work is done); seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s and self.alive():
+            with contextlib.suppress(httpx.HTTPError):
+                text = httpx.get(f"{self.url}/metrics", timeout=PROBE_TIMEOUT_S).text
+                busy = re.findall(r"^unetpp_requests_in_flight(?:\{[^}]*\})? (\S+)$", text, re.M)
+                if not any(float(v) for v in busy):
+                    break
+            time.sleep(1.0)
+        return time.monotonic() - start
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -241,14 +256,15 @@ def slow_uploads(server: Server, end: float, count: int) -> dict[str, Any]:
 
 
 def random_paths(server: Server, end: float, threads: int = 4) -> dict[str, Any]:
-    """GETs of random paths with a trailing slash (each a new metric label before the fix)."""
+    """GETs of random model names with a trailing slash: before the fix, the redirect to the
+    route `/v2/models/{model_name}` recorded each raw path as a new metric label."""
     sent = Counter()
 
     def loop() -> None:
         with httpx.Client(base_url=server.url, timeout=PROBE_TIMEOUT_S) as client:
             while time.monotonic() < end:
                 with contextlib.suppress(httpx.HTTPError):
-                    sent[client.get(f"/{uuid.uuid4().hex}/").status_code] += 1
+                    sent[client.get(f"/v2/models/{uuid.uuid4().hex}/").status_code] += 1
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
     for w in workers:
@@ -421,8 +437,10 @@ ATTACKS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def attack(server: Server, name: str, seconds: float, png: bytes, **kwargs) -> dict[str, Any]:
-    if not server.alive():
+    if server.killed_at_mb is not None or not server.alive():
+        server.stop()
         server.start()
+    waited = server.quiet()
     time.sleep(2.0)
     before_mb, log_bytes = server.status("VmRSS"), server.log.stat().st_size
     server.reset_peak()
@@ -444,6 +462,8 @@ def attack(server: Server, name: str, seconds: float, png: bytes, **kwargs) -> d
     row = {
         "attack": name,
         "seconds": seconds,
+        "settings": server.env,
+        "waited_for_quiet_s": round(waited, 1),
         "rss_before_mb": round(before_mb),
         "peak_rss_mb": round(max(peak)),
         "rss_after_mb": round(server.status("VmRSS")) if server.alive() else None,
@@ -468,7 +488,13 @@ def main() -> None:
     parser.add_argument("--sockets", type=int, default=6000, help="idle connections")
     parser.add_argument("--open-files", type=int, default=4096, help="the server's RLIMIT_NOFILE")
     parser.add_argument("--rss-ceiling-gb", type=float, default=6.0, help="the watchdog's limit")
-    parser.add_argument("--only", nargs="*", choices=list(ATTACKS), help="a subset of attacks")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=list(ATTACKS),
+        default=list(ATTACKS),
+        help="a subset of attacks (their rows replace those of the same label)",
+    )
     parser.add_argument(
         "--env", nargs="*", default=[], metavar="NAME=VALUE", help="server settings (UNETPP_*)"
     )
@@ -491,7 +517,7 @@ def main() -> None:
     study = Study("attacks", args.quick)
     png = encode_png(_image(256, 256, 5))
     commit = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True, text=True
     ).stdout.strip()
     kwargs = {"idle sockets": {"count": args.sockets}, "slow uploads": {"count": 64}}
     try:
@@ -500,15 +526,14 @@ def main() -> None:
             time.sleep(seconds)
         idle = {"healthz": health.summary(), "normal_256": normal.summary()}
         idle["rss_mb"] = round(server.status("VmRSS"))
-        rows = [
-            attack(server, name, seconds, png, **kwargs.get(name, {}))
-            for name in (args.only or ATTACKS)
-        ]
+        rows = [attack(server, name, seconds, png, **kwargs.get(name, {})) for name in args.only]
     finally:
         server.stop()
     path = place(args.quick).results / "attacks.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    kept = [r for r in runs.get(args.label, {}).get("rows", []) if r["attack"] not in args.only]
     runs[args.label] = {
+        "command": command_line("attacks"),
         "tree": shown(tree),
         "commit": commit,
         "settings": env,
@@ -516,7 +541,7 @@ def main() -> None:
         "rss_ceiling_gb": args.rss_ceiling_gb,
         "models": shown(args.models.resolve()),
         "idle": idle,
-        "rows": rows,
+        "rows": sorted(kept + rows, key=lambda r: list(ATTACKS).index(r["attack"])),
     }
     study.save(runs=runs)
 

@@ -441,8 +441,15 @@ def attacks_section(d: dict[str, Any], where: Place) -> str:
     def probe(p: dict[str, Any]) -> str:
         return f"{p['p99_ms']:.0f} ({p['answered']}/{p['sent']})"
 
-    def note(r: dict[str, Any]) -> str:
-        killed = f"**killed at {gb(r['killed_at_mb'])} GB**; " if r["killed_at_mb"] else ""
+    def settings(env: dict[str, str]) -> str:
+        return ", ".join(f"`{k}={v}`" for k, v in env.items()) or "defaults"
+
+    def note(r: dict[str, Any], run: dict[str, Any]) -> str:
+        own = r.get("settings", {})  # rows from before the field: the defaults
+        other = f"(run with {settings(own)}) " if own != run["settings"] else ""
+        killed = other + (
+            f"**killed at {gb(r['killed_at_mb'])} GB**; " if r["killed_at_mb"] else ""
+        )
         exited = "**server gone**; " if r["exited"] and not r["killed_at_mb"] else ""
         return killed + exited + json.dumps(r["attack_saw"]).replace("|", "/")[:160]
 
@@ -457,7 +464,7 @@ def attacks_section(d: dict[str, Any], where: Place) -> str:
                 probe(r["healthz"]),
                 probe(r["normal_256"]),
                 f"{r['log_bytes'] / 1e6:.2f}",
-                note(r),
+                note(r, run),
             ]
             for r in run["rows"]
         ]
@@ -473,11 +480,10 @@ def attacks_section(d: dict[str, Any], where: Place) -> str:
                 "",
             ],
         )
-        settings = ", ".join(f"`{k}={v}`" for k, v in run["settings"].items()) or "defaults"
         parts.append(
             f"""### {label}: `{run["tree"]}` at {run["commit"]}
 
-Settings: {settings}; the server's open-file limit {run["open_files"]}; watchdog at
+`{run.get("command", "")}`. Settings: {settings(run["settings"])}; the server's open-file limit {run["open_files"]}; watchdog at
 {run["rss_ceiling_gb"]} GB; repository `{run["models"]}`.
 
 {md_table(["attack", "peak RSS GB", "RSS after GB", "/healthz p99 ms (200s/sent)", "256x256 p99 ms (200s/sent)", "log MB", "what the attack saw"], rows)}"""
@@ -490,8 +496,11 @@ Settings: {settings}; the server's open-file limit {run["open_files"]}; watchdog
 Issue 20's attacks on a real server process, one after another (each for the seconds shown in
 the JSON), with probes running meanwhile: `/healthz` and a normal 256x256 PNG to `/v1/segment`
 (default mode), each in a closed loop with a 5 s timeout (a timeout or dropped connection counts
-as not answered and as 5 s). Peak RSS: VmHWM reset before each attack; RSS after: 3 s after it
-stopped. The load average of each attack is in the JSON.
+as not answered and as 5 s). Each attack starts once no request of the last one is in flight;
+peak RSS: VmHWM reset before it; RSS after: 3 s after it stopped. A watchdog kills the server
+above its ceiling (the machine is shared) and the next attack starts a fresh one. Latencies are
+those of the machine at the time (the load average of each attack is in the JSON): compare a
+row with its run's (idle) row, not across machines.
 
 {body}
 """
