@@ -118,20 +118,15 @@ def main() -> None:
     shapes = [(256, 1)] if args.quick else shapes
     repeats = 2 if args.quick else args.repeats
     study = Study("backends", args.quick)
-    rows = [
-        row
-        for size, batch in shapes
-        for level in map(int, args.levels.split(","))
-        for row in measure(args.models.resolve(), level, size, batch, repeats)
-    ]
     import openvino
 
-    study.save(
-        models=str(args.models),
-        openvino=openvino.__version__,
-        settle_s=SETTLE_S,
-        rows=rows,
-    )
+    rows: list[dict] = []
+    for size, batch in shapes:  # saved after each shape: a long run keeps what it measured
+        for level in map(int, args.levels.split(",")):
+            rows += measure(args.models.resolve(), level, size, batch, repeats)
+        study.save(
+            models=str(args.models), openvino=openvino.__version__, settle_s=SETTLE_S, rows=rows
+        )
 
 
 if __name__ == "__main__":
