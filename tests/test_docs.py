@@ -1,16 +1,26 @@
-"""The documentation says what the code does: the generated pages are the code, every
-command README and docs/ name parses with the CLI, every relative link and anchor resolves."""
+"""The documentation says what the code does: the generated pages are the code, README's API
+example runs, every command README and docs/ name parses with the CLI, every relative link and
+anchor resolves."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
+import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import read_manifest
 
+from tests.server.conftest import settings, start, stop, synthetic
 from unetpp.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +121,55 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_command in blocks
     assert ci[-1] == test_command
     assert "pip install -e '.[all]'" in README.read_text()
+
+
+def fenced(text: str, language: str) -> list[str]:
+    """The bodies of the page's fenced blocks in `language`."""
+    return [
+        b.split("\n", 1)[1].rsplit("```", 1)[0]
+        for b in FENCE.findall(text)
+        if b.startswith(f"```{language}\n")
+    ]
+
+
+def test_readme_api_example_runs_as_written(tiny_repository, tmp_path, monkeypatch):
+    """README's curl lines and Python client example, run against a real server on the tiny
+    model; only the address changes (the example's port 8000 may be taken)."""
+    text = README.read_text()
+    curl = [
+        line
+        for block in fenced(text, "bash")
+        for line in block.splitlines()
+        if line.startswith("curl ")
+    ]
+    python = [block for block in fenced(text, "python") if "unetpp.client" in block]
+    assert len(curl) == 2 and len(python) == 1
+    image = synthetic(100, 130)
+    (tmp_path / "cell.png").write_bytes(encode_png(image))
+    monkeypatch.chdir(tmp_path)
+    live = start(settings(tiny_repository))
+    try:
+        address = live.url.removeprefix("http://")
+        _, as_json = (
+            subprocess.run(
+                line.replace("localhost:8000", address),
+                shell=True,
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            for line in curl
+        )
+        assert np.asarray(Image.open(tmp_path / "mask.png")).shape == image.shape
+        assert json.loads(as_json.stdout)["mask"]["size"] == list(image.shape)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(python[0].replace("http://localhost:8000", live.url), {})
+        graph = printed.getvalue().split()[0]  # mode=accurate: a graph or the adaptive cascade
+        graphs = {g.name for g in read_manifest(tiny_repository).graphs}
+        assert graph in graphs or graph.startswith("adaptive@")
+    finally:
+        stop(live)
 
 
 def test_readme_commands_parse_as_written():
