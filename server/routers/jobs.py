@@ -10,7 +10,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
-from starlette.datastructures import UploadFile
 from unetpp.core import slide
 from unetpp.core.errors import BadParameter, UNetPPError
 from unetpp.server.errors import UnsupportedMediaType
@@ -67,12 +66,9 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 async def _body(request: Request) -> AsyncIterator[bytes]:
     """The upload as it arrives: the raw body, or the multipart field `image` (spooled to disk
     by the multipart parser)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = segment.media_type(request)
     if content_type == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=16) as form:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise BadParameter("the multipart body needs a file field named 'image'")
+        async with segment.image_field(request) as upload:
             while chunk := await upload.read(CHUNK):
                 yield chunk
         return

@@ -3,6 +3,8 @@ probabilities, ...) out, from the graph the request's routing parameters choose.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -21,7 +23,7 @@ from unetpp.server.deps import RegistryDep
 from unetpp.server.errors import UnsupportedMediaType
 from unetpp.server.facade import Outcome
 from unetpp.server.registry import Registry
-from unetpp.server.schemas import GraphRef, RouteInfo, SegmentResult, Timings
+from unetpp.server.schemas import CocoResult, GraphRef, RouteInfo, SegmentResult, Timings
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
@@ -125,7 +127,7 @@ REQUEST_BODY: dict[str, Any] = {
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "model": SegmentResult,
+        "model": SegmentResult | CocoResult,  # format=json | format=coco
         "description": "The result; headers X-UNetPP-Model, -Graph, -Level, -Precision, -Route-Reason, "
         "-Inference-Ms, -Queue-Ms (and -Target-Missed when a budget or floor was missed)",
         "content": {
@@ -156,15 +158,26 @@ async def _stream(request: Request, hold: BodyHold) -> bytes:
     return b"".join(chunks)
 
 
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+@contextlib.asynccontextmanager
+async def image_field(request: Request) -> AsyncIterator[UploadFile]:
+    """The multipart body's file field `image` (spooled to disk above 1 MB by the parser)."""
+    async with request.form(max_files=1, max_fields=16) as form:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise BadParameter("the multipart body needs a file field named 'image'")
+        yield upload
+
+
 async def read_image_bytes(request: Request, hold: BodyHold) -> bytes:
     """The image of a /v1 request (multipart field `image`, or the raw body), held against the
     budget of bodies in flight as it arrives."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=16) as form:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise BadParameter("the multipart body needs a file field named 'image'")
+        async with image_field(request) as upload:
             hold.grow(upload.size or 0)
             return await upload.read()
     if content_type.startswith("image/") or content_type == "application/octet-stream":
