@@ -238,6 +238,41 @@ class Timings(BaseModel):
     tiles: int = Field(description="0: the image ran whole")
 
 
+class CocoImage(BaseModel):
+    id: int
+    width: int
+    height: int
+
+
+class CocoSegmentation(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO's compressed RLE (pycocotools.mask.decode reads it)")
+
+
+class CocoAnnotation(BaseModel):
+    id: int = Field(description="the object's number, 1..N, as in format=instances")
+    image_id: int
+    category_id: int
+    segmentation: CocoSegmentation
+    area: int
+    bbox: list[int] = Field(description="[x, y, width, height] in pixels")
+    score: float = Field(description="the object's mean foreground probability")
+    iscrowd: int
+
+
+class CocoCategory(BaseModel):
+    id: int
+    name: str
+
+
+class CocoResult(BaseModel):
+    """format=coco: a binary model's separate objects, COCO-style (docs/instances.md)."""
+
+    images: list[CocoImage]
+    annotations: list[CocoAnnotation]
+    categories: list[CocoCategory]
+
+
 class SegmentResult(BaseModel):
     """format=json: the answer and how it was made."""
 
