@@ -11,9 +11,9 @@ reference: a boolean mask for a binary task, a label map for a multi-class one) 
   20% of the pairs (at least one) in val and the rest in train. test = `PATH/test/` when it
   holds its own `images/` and `masks/`, otherwise the val split.
 - "synthetic": a deterministic generator of nuclei-like fluorescence images (16-bit, 256x256)
-  with exact masks: touching and overlapping irregular ellipses of varying size and brightness,
-  textured interiors, an uneven background, optical blur, shot and read noise. Nuclei are
-  ~20-36 px across, like the HeLa nuclei below.
+  with exact masks and instance labels: touching and overlapping irregular ellipses of varying
+  size and brightness, textured interiors, an uneven background, optical blur, shot and read
+  noise. Nuclei are ~20-36 px across, like the HeLa nuclei below.
 - "synthetic-classes": the same generator with two kinds of cells, told apart by shape and
   texture: "round" (nearly circular, granular) and "elongated" (rods 2-3 times longer than
   wide, smooth); the masks are label maps (0 background, 1 round, 2 elongated).
@@ -71,8 +71,9 @@ class Sample:
     name: str
     image: np.ndarray  # HxW or HxWxC; uint8, uint16 or float32, as decoded
     mask: np.ndarray  # HxW: bool (binary task) or uint8 label map (multi-class task)
-    # HxW instance labels (0 background, one id per object) when the mask file is a label
-    # image with several ids, as HeLa's; None for a plain binary mask
+    # HxW instance labels (0 background, one id per object) where the source has them: a mask
+    # file that is a label image with several ids (HeLa's), the synthetic nuclei; None for a
+    # plain binary mask
     objects: np.ndarray | None = None
 
 
@@ -315,13 +316,14 @@ def synthetic_split(
     n = SYNTHETIC_COUNTS[split] if count is None else count
     split_id = SPLITS.index(split)
     prefix = "synthetic_classes" if classes else "synthetic"
-    return [
-        Sample(
-            f"{prefix}_{split}_{i:03d}",
-            *synthetic_image(np.random.default_rng([seed, split_id, i]), classes=classes),
+    samples = []
+    for i in range(n):
+        image, reference, objects = synthetic_cells(
+            np.random.default_rng([seed, split_id, i]), classes=classes
         )
-        for i in range(n)
-    ]
+        name = f"{prefix}_{split}_{i:03d}"
+        samples.append(Sample(name, image, reference, None if classes else objects))
+    return samples
 
 
 def _lowpass(field: np.ndarray, sigma: float) -> np.ndarray:
@@ -343,8 +345,18 @@ def synthetic_image(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One 16-bit fluorescence-like image and its exact foreground mask, or with `classes` its
     label map (1 round and granular, 2 elongated and smooth; the later cell wins an overlap)."""
+    image, reference, _ = synthetic_cells(rng, size, classes)
+    return image, reference
+
+
+def synthetic_cells(
+    rng: np.random.Generator, size: int = SYNTHETIC_SIZE, classes: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`synthetic_image`'s image and reference, and its instance labels (int32, one id per
+    cell, 0 background; the later cell wins an overlap)."""
     signal = np.zeros((size, size), np.float32)
     labels = np.zeros((size, size), np.uint8)
+    objects = np.zeros((size, size), np.int32)
     texture = 1.0 + rng.uniform(0.08, 0.25) * _smooth_noise(
         rng, (size, size), rng.uniform(1.0, 2.5)
     )
@@ -383,6 +395,7 @@ def synthetic_image(
         lit = profile * grain
         signal[window] = np.where(inside, np.maximum(signal[window], lit), signal[window])
         labels[window][inside] = kind
+        objects[window][inside] = len(centres)
     # optics and camera: blur, uneven background, shot and read noise, offset, 16-bit
     signal = _lowpass(signal, rng.uniform(0.8, 2.0))
     background = 0.15 * (1 + 0.5 * _smooth_noise(rng, (size, size), size / 4)).clip(0.2)
@@ -390,7 +403,7 @@ def synthetic_image(
     counts = rng.poisson(np.clip(signal + background, 0, None) * photons).astype(np.float32)
     counts += rng.normal(0, rng.uniform(5, 60), counts.shape) + rng.uniform(100, 33000)
     image = np.clip(counts, 0, 65535).astype(np.uint16)
-    return image, (labels if classes else labels > 0)
+    return image, (labels if classes else labels > 0), objects
 
 
 _ELONGATION = {1: (1.0, 1.15), 2: (2.2, 3.2)}  # "synthetic-classes": long / short axis

@@ -228,3 +228,14 @@ def test_a_multiclass_task_has_no_object_formats() -> None:
     assert not set(OBJECT_FORMATS) & set(task.formats)
     with pytest.raises(BadParameter, match="coco"):
         render(task, np.zeros((3, 8, 8), np.float32), np.zeros((8, 8), np.uint8), "coco")
+
+
+def test_synthetic_nuclei_carry_their_instance_labels() -> None:
+    from unetpp.core.datasets import load_split
+
+    for sample in load_split("synthetic", "val"):
+        assert ((sample.objects > 0) == sample.mask).all()
+        ids = np.unique(sample.objects[sample.objects > 0])
+        assert ids.size >= 5  # the generator draws 12-45 nuclei, some off the edge
+        assert match_objects(sample.objects, sample.objects) == (ids.size, 0, 0)
+    assert all(s.objects is None for s in load_split("synthetic-classes", "val"))
