@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from unetpp.core.cascade import Cascade, agreement
 from unetpp.core.datasets import Sample, load_split, synthetic_image, synthetic_split
+from unetpp.core.inference import create_session
+from unetpp.core.manifest import load_repository
 from unetpp.core.pipeline import LocalModel, plan
 from unetpp.core.preprocess import crop_to
 from unetpp.export.cascade import spearman
@@ -64,9 +66,17 @@ def _counts(logits: np.ndarray, truth: np.ndarray, cut: float) -> tuple[int, int
     return int((mask & truth).sum()), int((mask | truth).sum())
 
 
-def run_set(repo: Path, samples: Sequence[Sample], rounds: int) -> dict[str, Any]:
-    model = LocalModel.open(repo)
-    cascade = Cascade.open(repo, model.manifest)
+def open_both(repo: Path, arena: bool) -> tuple[LocalModel, Cascade]:
+    """The repository's graphs (as `unetpp predict` opens them) and its cascade, with or
+    without onnxruntime's memory arena in every session."""
+    manifest = load_repository(repo)
+    files = sorted({g.file for g in manifest.graphs if g.precision != "fp16"})
+    sessions = {f: create_session(repo / f, memory_arena=arena) for f in files}
+    return LocalModel(repo, manifest, sessions), Cascade.open(repo, manifest, memory_arena=arena)
+
+
+def run_set(repo: Path, samples: Sequence[Sample], rounds: int, arena: bool) -> dict[str, Any]:
+    model, cascade = open_both(repo, arena)
     cut = float(np.log(model.manifest.threshold / (1 - model.manifest.threshold)))
     prepared = [model.prepare(s.image) for s in samples]
     plans = [plan(p, model.tiles) for p in prepared]
@@ -121,11 +131,12 @@ def run_set(repo: Path, samples: Sequence[Sample], rounds: int) -> dict[str, Any
     return {"repository": shown(repo), "images": len(samples), "windows": windows, "rows": rows}
 
 
-def quality(repo: Path, sets: dict[str, Sequence[Sample]], block: int) -> dict[str, Any]:
+def quality(
+    repo: Path, sets: dict[str, Sequence[Sample]], block: int, arena: bool
+) -> dict[str, Any]:
     """The quality score (Dice between the L3 and L4 masks, from one pass) against the real
     IoU of L4, per image and per `block` x `block` block: Spearman's rank correlation."""
-    model = LocalModel.open(repo)
-    cascade = Cascade.open(repo, model.manifest)
+    model, cascade = open_both(repo, arena)
     thr = model.manifest.threshold
     out = {}
     for name, samples in sets.items():
@@ -164,11 +175,10 @@ def _iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return int((mask & truth).sum()) / union if union else 1.0
 
 
-def never_pay_twice(repo: Path, size: int, repeats: int) -> dict[str, Any]:
+def never_pay_twice(repo: Path, size: int, repeats: int, arena: bool) -> dict[str, Any]:
     """Stages 1-4 (every node once, handed on between stage graphs) against L4 alone on one
     size x size input, interleaved."""
-    model = LocalModel.open(repo)
-    cascade = Cascade.open(repo, model.manifest)
+    model, cascade = open_both(repo, arena)
     x = np.random.default_rng(0).random((model.manifest.in_channels, size, size), np.float32)
     deepest = model.graphs[f"L{cascade.deepest}"]
     times = interleaved_ms(
@@ -233,10 +243,14 @@ def main() -> None:
     parser.add_argument("--never-repeats", type=int, default=5)
     parser.add_argument("--calib-images", type=int, default=8)
     parser.add_argument("--note", default="", help="what the report should say about this run")
+    parser.add_argument(
+        "--no-memory-arena", action="store_true", help="sessions without onnxruntime's arena"
+    )
     parser.add_argument("--quick", action="store_true", help="one round, fewer images")
     args = parser.parse_args()
     study = Study("adaptive", args.quick)
     rounds = 1 if args.quick else args.rounds
+    arena = not args.no_memory_arena
     hela = export(args.hela_checkpoint, args.out / "hela", "hela", args.calib_images)
     synthetic = (
         export(args.synthetic_checkpoint, args.out / "synthetic", "synthetic", args.calib_images)
@@ -246,27 +260,28 @@ def main() -> None:
     n = 4 if args.quick else args.synthetic_images
     synthetic_test = synthetic_split("test", count=n)
     sets = {
-        "hela_test": run_set(hela, load_split("hela", "test"), rounds),
-        "synthetic_test": run_set(synthetic, synthetic_test, rounds),
+        "hela_test": run_set(hela, load_split("hela", "test"), rounds, arena),
+        "synthetic_test": run_set(synthetic, synthetic_test, rounds, arena),
         "sparse": run_set(
             synthetic,
             sparse_images(1 if args.quick else args.sparse_images, args.sparse_size),
             rounds,
+            arena,
         ),
     }
-    scores = quality(
-        hela, {"hela:val": load_split("hela", "val"), "hela:test": load_split("hela", "test")}, 128
-    ) | quality(
-        synthetic,
-        {"synthetic:val": synthetic_split("val"), f"synthetic:test ({n})": synthetic_test},
-        64,
-    )
+    hela_sets = {"hela:val": load_split("hela", "val"), "hela:test": load_split("hela", "test")}
+    synthetic_sets = {
+        "synthetic:val": synthetic_split("val"),
+        f"synthetic:test ({n})": synthetic_test,
+    }
+    scores = quality(hela, hela_sets, 128, arena) | quality(synthetic, synthetic_sets, 64, arena)
     study.save(
         checkpoints={"hela": shown(args.hela_checkpoint)}
         | ({"synthetic": shown(args.synthetic_checkpoint)} if args.synthetic_checkpoint else {}),
         note=args.note,
         rounds=rounds,
-        never_pay_twice_256=never_pay_twice(hela, 256, args.never_repeats),
+        memory_arena=arena,
+        never_pay_twice_256=never_pay_twice(hela, 256, args.never_repeats, arena),
         sets=sets,
         goals=goals(sets),
         quality=scores,

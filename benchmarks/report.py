@@ -556,7 +556,8 @@ Checkpoints: {", ".join(f"{k} `{v}`" for k, v in d["checkpoints"].items())}. Eac
 its cascade calibrated on its own validation split (docs/adaptive.md). Every variant runs as
 served (whole images up to 1 Mpixel, else 512-px tiles overlapping by 64), timed round-robin per
 image ({d["rounds"]} rounds, the median per image, then the mean over images), onnxruntime
-default threads; IoU micro-averaged over the set. Cascade rows in bold.
+default threads, {"with" if d.get("memory_arena", True) else "without"} its memory arena; IoU
+micro-averaged over the set. Cascade rows in bold.
 
 {body}
 
