@@ -602,7 +602,7 @@ def predict_section(d: dict[str, Any], where: Place) -> str:
 
 {run_facts(d)}
 
-`{d["frames"]}` frames: {d["source"]}; model repository `{d["models"]}`. Each run is the whole
+{d["source"]}; model repository `{d["models"]}`. Each run is the whole
 command (process start, model load or connection, decode, segment, write every frame) into a
 fresh folder, timed to its exit; the configurations are interleaved, {rows[0]["run_s"]["repeats"]}
 runs each. *Fixed cost*: the same command again on the finished folder (every output skipped):
