@@ -133,6 +133,16 @@ class Server:
             time.sleep(1.0)
         return time.monotonic() - start
 
+    def dropped(self) -> Counter:
+        """unetpp_connections_dropped_total by reason (empty on a server without the cap)."""
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(f"{self.url}/metrics", timeout=PROBE_TIMEOUT_S).text
+            found = re.findall(
+                r'^unetpp_connections_dropped_total\{reason="(\w+)"\} (\S+)$', text, re.M
+            )
+            return Counter({reason: float(v) for reason, v in found})
+        return Counter()
+
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
 
@@ -444,6 +454,7 @@ def attack(server: Server, name: str, seconds: float, png: bytes, **kwargs) -> d
     time.sleep(2.0)
     before_mb, log_bytes = server.status("VmRSS"), server.log.stat().st_size
     server.reset_peak()
+    dropped = server.dropped()
     peak = [before_mb]
 
     def sample() -> None:  # VmHWM dies with a killed process: keep the last reading too
@@ -473,6 +484,7 @@ def attack(server: Server, name: str, seconds: float, png: bytes, **kwargs) -> d
         "healthz": health.summary(),
         "normal_256": normal.summary(),
         "attack_saw": seen,
+        "connections_dropped": dict(server.dropped() - dropped) if server.alive() else None,
         "load_average": load_average(),
     }
     print(json.dumps(row), flush=True)
@@ -531,9 +543,10 @@ def main() -> None:
         server.stop()
     path = place(args.quick).results / "attacks.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else {}
-    kept = [r for r in runs.get(args.label, {}).get("rows", []) if r["attack"] not in args.only]
+    previous = runs.get(args.label, {})
+    kept = [r for r in previous.get("rows", []) if r["attack"] not in args.only]
     runs[args.label] = {
-        "command": command_line("attacks"),
+        "commands": list(dict.fromkeys([*previous.get("commands", []), command_line("attacks")])),
         "tree": shown(tree),
         "commit": commit,
         "settings": env,

@@ -451,7 +451,9 @@ def attacks_section(d: dict[str, Any], where: Place) -> str:
             f"**killed at {gb(r['killed_at_mb'])} GB**; " if r["killed_at_mb"] else ""
         )
         exited = "**server gone**; " if r["exited"] and not r["killed_at_mb"] else ""
-        return killed + exited + json.dumps(r["attack_saw"]).replace("|", "/")[:160]
+        dropped = r.get("connections_dropped")
+        closed = f"; closed by the server: {json.dumps(dropped)}" if dropped else ""
+        return killed + exited + (json.dumps(r["attack_saw"]) + closed).replace("|", "/")[:220]
 
     parts = []
     for label, run in d["runs"].items():
@@ -483,8 +485,8 @@ def attacks_section(d: dict[str, Any], where: Place) -> str:
         parts.append(
             f"""### {label}: `{run["tree"]}` at {run["commit"]}
 
-`{run.get("command", "")}`. Settings: {settings(run["settings"])}; the server's open-file limit {run["open_files"]}; watchdog at
-{run["rss_ceiling_gb"]} GB; repository `{run["models"]}`.
+{" and ".join(f"`{c}`" for c in run.get("commands", []))}. Settings: {settings(run["settings"])}; the server's open-file limit {run["open_files"]}; watchdog at
+{run["rss_ceiling_gb"]} GB; repository `{run["models"]}`. {run.get("notes", "")}
 
 {md_table(["attack", "peak RSS GB", "RSS after GB", "/healthz p99 ms (200s/sent)", "256x256 p99 ms (200s/sent)", "log MB", "what the attack saw"], rows)}"""
         )
