@@ -402,6 +402,10 @@ class _Base:
         }
 
 
+def ready_path(model: str | None) -> str:
+    return "/readyz" if model is None else f"/v2/models/{model}/ready"
+
+
 def _model_control(action: str, name: str | None = None) -> Call[Any]:
     """index, load NAME, unload NAME (the repository extension), reload (every model)."""
     paths = {"index": "/v2/repository/index", "reload": "/v1/admin/reload"}
@@ -449,10 +453,10 @@ class Client(_Base):
     def models(self) -> Any:
         return self.send(Call("GET", "/v1/models", read_json))
 
-    def ready(self) -> bool:
-        """Whether the server is ready now (no retries)."""
+    def ready(self, model: str | None = None) -> bool:
+        """Whether the server (or one of its models) is ready now (no retries)."""
         try:
-            return self._http.get("/readyz").is_success
+            return self._http.get(ready_path(model)).is_success
         except httpx.TransportError:
             return False
 
@@ -510,9 +514,9 @@ class AsyncClient(_Base):
     async def models(self) -> Any:
         return await self.send(Call("GET", "/v1/models", read_json))
 
-    async def ready(self) -> bool:
+    async def ready(self, model: str | None = None) -> bool:
         try:
-            return (await self._http.get("/readyz")).is_success
+            return (await self._http.get(ready_path(model))).is_success
         except httpx.TransportError:
             return False
 

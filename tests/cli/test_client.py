@@ -279,10 +279,16 @@ def test_model_control_of_a_repository_of_two(tiny_repository: Path, tmp_path: P
             assert gone.value.status in (404, 503), gone.value
             states = {m["name"]: m["state"] for m in client.index()}
             assert states == {"cells": "UNAVAILABLE", "nuclei": "READY"}
+            assert (client.ready("cells"), client.ready("nuclei"), client.ready()) == (
+                False,
+                True,
+                True,
+            )
             np.testing.assert_array_equal(
                 client.segment(image, model="nuclei", level=LEVEL).array, before
             )
             assert client.load("cells")["state"] == "READY"
+            assert client.ready("cells")
             np.testing.assert_array_equal(
                 client.segment(image, model="cells", level=LEVEL).array, before
             )
