@@ -243,3 +243,19 @@ def test_one_model_of_several_here_and_on_a_server(
     for name in masks:
         np.testing.assert_array_equal(masks[name], served[name], err_msg=name)
     assert masks["a2.instances.png"].max() > 1  # separate objects, numbered
+
+
+def test_the_api_key_comes_from_the_environment(
+    tiny_repository: Path, folder: Path, tmp_path: Path, capsys, monkeypatch
+):
+    image, out = str(folder / "a0.png"), tmp_path / "out"
+    live = start(settings(tiny_repository, api_key="k3y"))
+    try:
+        monkeypatch.delenv("UNETPP_API_KEY", raising=False)
+        assert main(["predict", image, "--out", str(out), "--server", live.url]) == 2
+        assert "401 unauthorized" in capsys.readouterr().err
+        monkeypatch.setenv("UNETPP_API_KEY", "k3y")
+        assert main(["predict", image, "--out", str(out), "--server", live.url]) == 0
+    finally:
+        stop(live)
+    assert list(outputs(out)) == ["a0.png"]
