@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -26,8 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from unetpp.core.errors import BadParameter, UNetPPError
-from unetpp.core.imageio import CORRUPT
+from unetpp.core.errors import BadParameter, ImageDecodeError, UNetPPError
 from unetpp.core.routing import Choice
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -76,8 +76,8 @@ class Item:
         return path if self.page is None else f"{path} page {self.page}"
 
     def read(self) -> bytes:
-        data = self.source.path.read_bytes()
-        return data if self.page is None else tiff_page(data, self.page)
+        path = self.source.path
+        return path.read_bytes() if self.page is None else tiff_page(path, self.page)
 
 
 @dataclass(frozen=True)
@@ -144,24 +144,37 @@ def shard(sources: Sequence[Source], index: int, count: int) -> list[Source]:
 
 
 def tiff_pages(path: Path) -> int:
-    """Pages of a TIFF file (1 for other files or a TIFF that cannot be read: its item fails
-    later, with the decoder's message)."""
+    """Items of a file: 1 for a single page (or a file that does not open: its decoding reports
+    it), else its pages, plus one for a corrupt page after them (reported when it is read)."""
     if path.suffix.lower() not in (".tif", ".tiff"):
         return 1
     try:
-        with Image.open(path) as img:
-            return getattr(img, "n_frames", 1)
-    except CORRUPT:
+        img = Image.open(path)
+    except Exception:  # Pillow raises many types on a corrupt file; decoding reports it
         return 1
+    with img:
+        pages = 1
+        try:
+            while True:
+                img.seek(pages)
+                pages += 1
+        except EOFError:
+            return pages
+        except Exception:  # as above: the page that fails to open is an item that fails
+            return pages + 1
 
 
-def tiff_page(data: bytes, page: int) -> bytes:
-    """One page of a multi-page TIFF as a single-page TIFF (lossless, same pixel mode)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.seek(page)
-        buf = io.BytesIO()
-        img.save(buf, format="TIFF")
-        return buf.getvalue()
+def tiff_page(path: Path, page: int) -> bytes:
+    """One page of a multi-page TIFF as a single-page TIFF (lossless, same pixel mode); only
+    that page's part of the file is read."""
+    try:
+        with Image.open(path) as img:
+            img.seek(page)
+            buf = io.BytesIO()
+            img.save(buf, format="TIFF")
+            return buf.getvalue()
+    except Exception as exc:  # as above
+        raise ImageDecodeError(f"unreadable page ({type(exc).__name__}: {exc})") from exc
 
 
 def items(sources: Iterable[Source]) -> list[Item]:
@@ -337,6 +350,8 @@ def process(
         return "failed", f"{item.where}: {exc.detail}"
     except OSError as exc:
         return "failed", f"{item.where}: {exc.strerror or exc}"
+    except Exception as exc:  # a decoder's unforeseen error on one file: the run goes on
+        return "failed", f"{item.where}: {type(exc).__name__}: {exc}"
     return "written", None
 
 
@@ -359,6 +374,8 @@ def predict(
 
 
 def main(args: argparse.Namespace) -> int:
+    # Pillow warns about corrupt metadata on stderr; a bad file is reported on one line instead
+    warnings.filterwarnings("ignore", module="PIL")
     if (args.models is None) == (args.server is None):
         raise UsageError("give one of --models DIR (run here) or --server URL")
     routes = [args.level, args.mode, args.max_latency_ms, args.min_iou]

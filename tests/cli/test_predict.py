@@ -259,3 +259,22 @@ def test_the_api_key_comes_from_the_environment(
     finally:
         stop(live)
     assert list(outputs(out)) == ["a0.png"]
+
+
+def test_a_truncated_stack_writes_its_whole_pages_and_reports_the_rest(
+    tiny_repository: Path, tmp_path: Path, capsys
+):
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    pages = [Image.fromarray(synthetic_image(96, 96, seed=k)) for k in range(3)]
+    pages[0].save(root / "s.tif", save_all=True, append_images=pages[1:])
+    data = (root / "s.tif").read_bytes()
+    (root / "s.tif").write_bytes(data[: int(len(data) * 0.6)])  # page 0 whole, 1 cut, 2 gone
+    assert main(["predict", str(root), "--out", str(out), "--models", str(tiny_repository)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert list(outputs(out)) == ["s_p0.png"]
+    assert [line.split(": ")[1] for line in err[:-1]] == [
+        f"{root / 's.tif'} page 1",
+        f"{root / 's.tif'} page 2",
+    ]
+    assert err[-1].startswith("3/3 images: 1 written, 0 skipped, 2 failed")
