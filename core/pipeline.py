@@ -57,6 +57,7 @@ class Plan:
     height: int  # padded
     width: int
     tiles: int  # 0: whole image in one run
+    tile: int  # the tile's side (when tiled)
     run_pixels: int  # pixels of one network input
 
     def predict(self, ms_for_pixels: Callable[[int], float]) -> float:
@@ -73,9 +74,9 @@ def prepare(image: np.ndarray, preprocessing: Preprocessing) -> Prepared:
 def plan(prepared: Prepared, tiles: Tiling) -> Plan:
     h, w = prepared.x.shape[-2:]
     if h * w <= tiles.above_pixels:
-        return Plan(h, w, 0, h * w)
+        return Plan(h, w, 0, 0, h * w)
     count = tiling.count(h, w, tiles.size, tiles.overlap)
-    return Plan(h, w, count, min(tiles.size, h) * min(tiles.size, w))
+    return Plan(h, w, count, tiles.size, min(tiles.size, h) * min(tiles.size, w))
 
 
 def candidates(
@@ -191,7 +192,7 @@ class LocalModel:
             logits = tiling.infer_tiled_sync(
                 prepared.x,
                 lambda window: self.run(graph, window),
-                tile=self.tiles.size,
+                tile=plan.tile,
                 overlap=self.tiles.overlap,
             )
         else:
