@@ -48,6 +48,13 @@ class NotReady(Unavailable):
     error = "not_ready"
 
 
+class ModelUnavailable(Unavailable):
+    """A model that failed to load or was unloaded: retrying will not help until an operator
+    loads it (so no Retry-After), unlike a model still loading (NotReady)."""
+
+    error = "model_unavailable"
+
+
 class QueueFull(Unavailable):
     error = "queue_full"
 

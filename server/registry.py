@@ -32,7 +32,7 @@ from unetpp.core.manifest import MANIFEST_NAME, read_manifest
 from unetpp.server import memory
 from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.engine import Engine
-from unetpp.server.errors import LoadFailed, ModelNotFound, NotReady
+from unetpp.server.errors import LoadFailed, ModelNotFound, ModelUnavailable, NotReady
 from unetpp.server.metrics import Metrics, gauge
 from unetpp.server.runtime import load_model
 from unetpp.server.settings import Settings
@@ -148,7 +148,9 @@ class Registry:
         if slot.engine is None:
             if slot.state == "loading":
                 raise NotReady(f"model {slot.name} is still loading", retry_after=1)
-            raise NotReady(f"model {slot.name} is {slot.state}: {slot.error or 'load it first'}")
+            raise ModelUnavailable(
+                f"model {slot.name} is {slot.state}: {slot.error or 'load it first'}"
+            )
         return slot.engine
 
     @contextmanager

@@ -12,7 +12,8 @@ send it with the same retry policy. docs/client.md is the user's page.
 Retries: a 503 (queue full, not ready) is retried for any call, after the server's Retry-After
 when it sends one, else with a doubling back-off; a connection that could not be opened
 likewise; a connection lost after the request went out only for calls without side effects
-(everything but model control). Both bounded by `Retry.attempts` and `Retry.total_s`.
+(everything but model control). Both bounded by `Retry.attempts` and `Retry.total_s`. A model
+that failed to load or was unloaded (503 model_unavailable) is not retried.
 Every error answer raises `APIError` with the status, the error code and the detail.
 """
 
@@ -380,7 +381,9 @@ class _Base:
         if response is not None and response.is_success:
             return True, call.read(response)
         if response is not None:
-            error, retryable = api_error(response), response.status_code == 503
+            error = api_error(response)
+            # a model that failed to load or was unloaded stays so until an operator acts
+            retryable = response.status_code == 503 and error.error != "model_unavailable"
         else:
             unsent = isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout)
             where = f"{call.method} {self.url}{call.path}"

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from unetpp.server.deps import RegistryDep, SettingsDep, authorized, bearer_token
-from unetpp.server.errors import NotReady
+from unetpp.server.errors import ModelUnavailable, NotReady
 
 router = APIRouter(tags=["health"])
 
@@ -38,7 +38,10 @@ async def readyz(request: Request, registry: RegistryDep, settings: SettingsDep)
         if slot.state != "ready":
             if slot.error and not authorized(settings, await bearer_token(request)):
                 raise NotReady(f"model {default} failed to load: the reason is in the server log")
-            registry.engine(default)  # NotReady saying why
+            try:
+                registry.engine(default)
+            except ModelUnavailable as exc:  # readiness says not_ready, whatever the reason
+                raise NotReady(exc.detail) from exc
     elif not registry.ready:
         raise NotReady(f"no model is ready: {states or 'none found'}", retry_after=1)
     return {"status": "ready", "default": default, "models": states}

@@ -82,8 +82,9 @@ def test_models_are_served_by_name_side_by_side(several):
     r = post(several, "/v1/segment")
     assert (r.status_code, r.json()["error"]) == (404, "model_not_found")
     assert "nuclei" in r.json()["detail"]
-    r = post(several, "/v1/models/broken/segment")
-    assert (r.status_code, r.json()["error"]) == (503, "not_ready")
+    r = post(several, "/v1/models/broken/segment")  # no Retry-After: retrying will not help
+    assert (r.status_code, r.json()["error"]) == (503, "model_unavailable")
+    assert "retry-after" not in r.headers
     assert post(several, "/v1/models/nope/segment").status_code == 404
     # the v2 protocol: models and their versions by name, readiness per model
     assert several.client.get("/v2/models/cells/ready").status_code == 200
@@ -144,7 +145,7 @@ def test_unload_and_load_under_traffic_never_fail_the_other_model(several):
             r = several.client.post("/v2/repository/models/cells/unload")
             assert r.status_code == 200 and states(several)["cells"] == "unloaded"
             r = post(several, "/v1/models/cells/segment")
-            assert (r.status_code, r.json()["error"]) == (503, "not_ready")
+            assert (r.status_code, r.json()["error"]) == (503, "model_unavailable")
             assert several.client.get("/v2/models/cells/ready").status_code == 503
             r = several.client.post("/v2/repository/models/cells/load")
             assert r.status_code == 200 and r.json()["state"] == "READY"
