@@ -32,7 +32,6 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from unetpp.core.errors import InvalidInput
 from unetpp.server.errors import BodyTimeout
 from unetpp.server.settings import Settings
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -81,13 +80,17 @@ class ConnectionGuard:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         room = settings.max_connections if soft == resource.RLIM_INFINITY else soft
         limit = min(settings.max_connections, room - IN_FLIGHT_FILES - RESERVED_FILES)
-        if limit < 1:
-            raise InvalidInput(
-                f"the open-file limit ({soft}) leaves no room for connections: raise it "
-                f"(ulimit -n) above {IN_FLIGHT_FILES + RESERVED_FILES}"
-            )
+        if limit < room // 4:  # a low limit (1024 in many containers): a quarter of it
+            limit = min(settings.max_connections, max(room // 4, 1))
         if limit < settings.max_connections:
-            log.warning("at most %d connections (the open-file limit is %d)", limit, soft)
+            log.warning(
+                "at most %d connections: the open-file limit is %d (raise it, ulimit -n, above "
+                "%d for max_connections=%d)",
+                limit,
+                soft,
+                settings.max_connections + IN_FLIGHT_FILES + RESERVED_FILES,
+                settings.max_connections,
+            )
         return cls(limit, settings.header_timeout_s, settings.write_timeout_s)
 
     @property

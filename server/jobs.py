@@ -526,7 +526,7 @@ class SlideJobs:
         side = self.model.manifest.preprocessing.multiple
         h, w = -(-height // side) * side, -(-width // side) * side
         tiles = count(h, w, self.tile, self.overlap)
-        return Plan(h, w, tiles, min(self.tile, h) * min(self.tile, w))
+        return Plan(h, w, tiles, self.tile, min(self.tile, h) * min(self.tile, w))
 
 
 CHOICE_FIELDS = tuple(f.name for f in fields(Choice))
