@@ -161,6 +161,7 @@ class Cascade:
                 threads=threads,
                 providers=providers,
                 memory_arena=memory_arena,
+                spinning=False,  # stages run one after another: measured 1.36x -> 0.94x L4
             )
             for s in record.stages
         ]

@@ -36,14 +36,20 @@ def create_session(
     threads: int | None = None,
     providers: Sequence[str] | None = None,
     memory_arena: bool = True,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime session for one graph file (CPU unless `providers` says otherwise).
 
     `memory_arena=False` returns memory after each run instead of keeping onnxruntime's CPU
-    arena at the largest batch ever seen (less memory for varied shapes, somewhat slower)."""
+    arena at the largest batch ever seen (less memory for varied shapes, somewhat slower).
+    `spinning=False`: its threads sleep at once after a run instead of spinning for more work
+    (for sessions that run one after another, like the cascade's stages, so that one's idle
+    threads do not take the cores from the next)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = memory_arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
