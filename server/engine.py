@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from unetpp.core import cascade, tiling
+from unetpp.core import cascade, pipeline, tiling
 from unetpp.core.errors import BadParameter, ImageTooLarge
 from unetpp.core.imageio import decode_image
 from unetpp.core.inference import measure_latency
-from unetpp.core.preprocess import MULTIPLE, crop_to, pad_to_multiple
+from unetpp.core.pipeline import Plan, Prepared
+from unetpp.core.preprocess import MULTIPLE, crop_to
 from unetpp.core.routing import Candidate, Choice, Route, choose
 from unetpp.server import memory
 from unetpp.server.admission import Admission, Gate, MemoryBudget
@@ -42,29 +43,6 @@ UNMEASURED_BYTES_PER_PIXEL = 3200
 # A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
 # several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
 MEMORY_MARGIN = 1.3
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How an image of a given size runs: its padded size, and tiles when it is large."""
-
-    height: int  # padded
-    width: int
-    tiles: int  # 0: whole image in one run
-    tile: int  # the tile's side (when tiled)
-    run_pixels: int  # pixels of one network input
-
-    def predict(self, predictor: LatencyPredictor, graph: str) -> float:
-        return max(self.tiles, 1) * predictor.predict(graph, self.run_pixels)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A decoded image and the network input made from it (one thread hop for all of it)."""
-
-    image: np.ndarray  # as decoded
-    x: np.ndarray  # C x H x W preprocessed, padded to the multiple
-    size: tuple[int, int]  # the image's own height and width
 
 
 @dataclass(frozen=True)
@@ -277,9 +255,7 @@ class Engine:
 
     def preprocess(self, image: np.ndarray) -> Prepared:
         """A decoded HxW or HxWxC image -> the padded network input (blocking)."""
-        prep = self.model.manifest.preprocessing
-        x, size = pad_to_multiple(prep(image), prep.multiple)
-        return Prepared(image, x, size)
+        return pipeline.prepare(image, self.model.manifest.preprocessing)
 
     def plan(self, prepared: Prepared) -> Plan:
         """Whole when small enough and its activations fit the memory budget; otherwise tiled,
@@ -305,18 +281,15 @@ class Engine:
                 )
             tile = smaller
 
+    def predict_ms(self, plan: Plan, graph: str) -> float:
+        """The predicted inference time of an image so planned, on one graph."""
+        return plan.predict(lambda pixels: self.predictor.predict(graph, pixels))
+
     def candidates(self, plan: Plan) -> list[Candidate]:
-        out = []
-        for name, runner in self.runners.items():
-            g = runner.graph
-            iou = g.accuracy.iou if g.accuracy else None
-            out.append(
-                Candidate(
-                    name, g.level, g.precision, g.output, iou, plan.predict(self.predictor, name)
-                )
-            )
+        graphs = [runner.graph for runner in self.runners.values()]
+        out = pipeline.candidates(graphs, plan, self.predictor.predict)
         if self.cascade and self.deepest in self.runners:
-            deepest_ms = plan.predict(self.predictor, self.deepest)
+            deepest_ms = self.predict_ms(plan, self.deepest)
             out += cascade.candidates(self.cascade.record, deepest_ms)
         return out
 

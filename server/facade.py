@@ -21,9 +21,10 @@ from typing import TypeVar
 import numpy as np
 from unetpp.core.cascade import CascadeResult
 from unetpp.core.manifest import Graph
+from unetpp.core.pipeline import Plan, Prepared
 from unetpp.core.routing import Choice, Route
 from unetpp.server.admission import Admission
-from unetpp.server.engine import Engine, Inference, Plan, Prepared
+from unetpp.server.engine import Engine, Inference
 
 T = TypeVar("T")
 

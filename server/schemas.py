@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from unetpp.core.pipeline import Plan
 from unetpp.core.routing import Choice, Route
-from unetpp.server.engine import Engine, Plan
+from unetpp.server.engine import Engine
 from unetpp.server.registry import Registry, Slot
 
 LatencySource = Literal["probe", "estimate", "calibrated"]
@@ -168,7 +169,7 @@ def _graph(engine: Engine, name: str, reference: Plan) -> GraphInfo:
             known={str(k): round(v, 3) for k, v in engine.predictor.known(name).items()},
             sources={str(k): v for k, v in (figures.latency_source or {}).items()},
             observations=engine.predictor.observations(name),
-            predicted_at_reference=round(reference.predict(engine.predictor, name), 3),
+            predicted_at_reference=round(engine.predict_ms(reference, name), 3),
         ),
         served=Served(
             requests=figures.requests,

@@ -21,7 +21,7 @@ from unetpp.core.task import Task
 from unetpp.server import facade, registry
 from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.engine import Engine
-from unetpp.server.errors import DeadlineExceeded, LoadFailed, NotReady, QueueFull
+from unetpp.server.errors import DeadlineExceeded, LoadFailed, ModelUnavailable, QueueFull
 from unetpp.server.facade import EncodedImage, Outcome, Pixels
 from unetpp.server.metrics import Metrics
 from unetpp.server.runtime import LoadedModel, Runner
@@ -358,7 +358,7 @@ def test_a_model_whose_load_fails_leaves_the_other_serving(tmp_path: Path, monke
         try:
             with models.lease("good") as engine:
                 outcome = await facade.segment(engine, Pixels([image()]), Choice(), lambda o: o)
-            with pytest.raises(NotReady) as broken:
+            with pytest.raises(ModelUnavailable) as broken:
                 models.engine("broken")
             with pytest.raises(LoadFailed) as again:
                 await models.load("broken")
