@@ -17,7 +17,8 @@ Encodings of a label image (0 background, 1..N objects):
   outline of its pixels, holes as interior rings), with QuPath's detection properties;
 - `coco`: COCO-style image, annotations (compressed RLE, bbox, area, score) and category.
 
-Torch-free: numpy and scipy.ndimage (scipy is in the api and export extras).
+Torch-free: numpy and scipy.ndimage (scipy is in the api and export extras), imported where it
+is first used: importing it takes about half a second of a server's start-up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 from unetpp.core.errors import InvalidInput
 from unetpp.core.imageio import encode_png
 
@@ -37,7 +37,7 @@ SMOOTHING = 2.0  # sigma of the Gaussian on the distance transform, in pixels
 MIN_AREA = 100  # pixels: smaller objects are specks, dropped (HeLa's smallest nucleus: 125)
 MAX_OBJECTS = 65535  # the label PNG is 16-bit
 
-_FOUR = ndi.generate_binary_structure(2, 1)
+_FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
@@ -50,6 +50,8 @@ def split(
     min_area: int = MIN_AREA,
 ) -> np.ndarray:
     """Boolean H x W foreground -> int32 label image, 0 background, objects 1..N."""
+    from scipy import ndimage as ndi
+
     mask = np.asarray(mask, dtype=bool)
     components, count = ndi.label(mask, _FOUR)
     if count == 0:
@@ -87,6 +89,8 @@ def maxima(
     """The smoothed distance transform of the mask ("depth", float32) and its maxima as
     labelled seeds (int32): the deepest points of the `footprint`-wide squares around them,
     deeper than `min_radius`."""
+    from scipy import ndimage as ndi
+
     depth = ndi.distance_transform_cdt(mask, "chessboard").astype(np.float32)
     depth = ndi.gaussian_filter(depth, smoothing)
     peaks = (depth >= ndi.maximum_filter(depth, size=footprint)) & mask & (depth > min_radius)
@@ -99,6 +103,8 @@ def _cut(
     """Give each pixel of component `index` to its nearest seed: the first seed's pixels keep
     `index`, the others' take labels from `next_label` on (returns the next free one); a part
     cut off from its label's largest 4-connected piece goes to the background."""
+    from scipy import ndimage as ndi
+
     inside = labels[window] == index
     local = np.where(inside, seeds[window], 0)
     _, nearest = ndi.distance_transform_edt(local == 0, return_indices=True)
@@ -168,6 +174,8 @@ def geojson(objects: Objects, name: str, colour: tuple[int, int, int]) -> dict[s
 def coco(objects: Objects, name: str) -> dict[str, Any]:
     """COCO-style `images`, `annotations` and `categories` of one image (image id 1, category
     id 1); `pycocotools.mask.decode(annotation["segmentation"])` is the object's mask."""
+    from scipy import ndimage as ndi
+
     height, width = objects.labels.shape
     boxes = ndi.find_objects(objects.labels)
     annotations = [
