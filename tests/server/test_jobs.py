@@ -200,7 +200,7 @@ def test_a_job_survives_kill_9_and_restart(tiny_repository, tmp_path):
     """Killed mid-job: the next process resumes it (attempt 2); stopped with SIGTERM: the job
     goes back to the queue; killed again with max_attempts=1: marked failed, saying why.
     Nothing accepted is lost."""
-    big = tiff(synthetic(1536, 1536))
+    big = tiff(synthetic(3072, 3072))  # 1,024 windows: still running when the signal comes
     jobs, log = tmp_path / "jobs", tmp_path / "log"
     with serve(tiny_repository, jobs, log) as server:
         resumed = server.submit(big, level=4)
@@ -214,7 +214,7 @@ def test_a_job_survives_kill_9_and_restart(tiny_repository, tmp_path):
         server.proc.wait()
     state = json.loads((jobs / resumed / "state.json").read_text())
     assert state["state"] == "running"  # as the dead process left it
-    with serve(tiny_repository, jobs, log) as server:
+    with serve(tiny_repository, jobs, log, UNETPP_DRAIN_DELAY_S="0") as server:
         job = server.wait(resumed)
         assert job["state"] == "done" and job["attempts"] == 2, job
         assert server.client.get(f"/v1/jobs/{resumed}/result").status_code == 200
