@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from unetpp.core import tiling
-from unetpp.core.inference import create_session, run_batch
+from unetpp.core.inference import create_session, run_batch, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository
 from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
 from unetpp.core.routing import Candidate, Choice, Mode, Route, choose
@@ -140,6 +141,7 @@ class LocalModel:
         self.tiles = tiles
         self.default_mode = default_mode
         self.fast_tolerance = fast_tolerance
+        self._shrink = shrinking_arena()  # each run hands its arena's memory back after it
 
     @classmethod
     def open(
@@ -184,7 +186,7 @@ class LocalModel:
 
     def run(self, graph: Graph, x: np.ndarray) -> np.ndarray:
         """C x H x W (multiples of 16) -> K x H x W logits."""
-        return run_batch(self.sessions[graph.file], x[None], graph.output)[0]
+        return run_batch(self.sessions[graph.file], x[None], graph.output, self._shrink)[0]
 
     def infer(self, graph: Graph, prepared: Prepared, plan: Plan) -> np.ndarray:
         """The prepared input -> logits at the image's own size (tiled when the plan says)."""
