@@ -48,7 +48,10 @@ V2_LENGTH = "Inference-Header-Content-Length"
 
 def tree_path(tree: Path) -> None:
     """Make `tree/unetpp` a whole package (links to the tree's core, model, export, server), as
-    the editable install maps them, so that `python -m unetpp.server` run in `tree` uses it."""
+    the editable install maps them, so that `python -m unetpp.server` run in `tree` uses it.
+    This checkout needs none: its editable install maps them already."""
+    if tree.resolve() == ROOT.resolve():
+        return
     for name in ("core", "model", "export", "server"):
         link = tree / "unetpp" / name
         if not link.exists():

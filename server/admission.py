@@ -18,7 +18,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from unetpp.server import memory
 from unetpp.server.errors import DeadlineExceeded, QueueFull
+
+TRIM_ABOVE = 64 << 20  # batches holding more than this give their memory back when they end
 
 
 class Admission:
@@ -196,6 +199,8 @@ class MemoryBudget:
     def release(self, nbytes: int) -> None:
         self.in_use -= nbytes
         self._freed.set()
+        if not self.in_use and nbytes >= TRIM_ABOVE:
+            memory.trim()  # the last large batch ended: give its memory back to the kernel
 
     async def freed(self) -> None:
         """Wait until some running batch releases its bytes."""

@@ -6,9 +6,12 @@ Linux only (procfs and cgroups); elsewhere the ceiling is unknown and a probe me
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -80,3 +83,23 @@ def peak_during(work: Callable[[], object]) -> int | None:
     work()
     peak = 1024 * _status_kb("VmHWM")
     return max(peak - before, 0) if peak else None
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def trim() -> None:
+    """Hand the C heap's free memory back to the kernel (glibc's malloc_trim). onnxruntime's
+    arena frees a large batch's chunks after the run, but glibc keeps freed heap pages mapped:
+    without this, resident memory stays at the largest work seen, and a reload's or a large
+    request's memory looks like a leak. A no-op where the C library has no malloc_trim."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -271,10 +271,13 @@ class Registry:
         log.info("model %s ready: %s", slot.name, ", ".join(engine.runners))
 
     async def _retire(self, engine: Engine) -> None:
+        name = engine.name
         await engine.idle()
         await engine.close()
+        del engine  # its sessions go with the last reference: then their memory can go back
+        memory.trim()
         self.budget.capacity = self._capacity()
-        log.info("a retired engine of model %s is closed (its requests finished)", engine.name)
+        log.info("a retired engine of model %s is closed (its requests finished)", name)
 
     def _spawn(self, work) -> None:
         task = asyncio.create_task(work)
