@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import ROOT, Study, interleaved_ms, shown
 from unetpp.core.cascade import Cascade, agreement
 from unetpp.core.datasets import Sample, load_split, synthetic_image, synthetic_split
 from unetpp.core.inference import create_session
@@ -34,8 +36,6 @@ from unetpp.core.pipeline import LocalModel, plan
 from unetpp.core.preprocess import crop_to
 from unetpp.export.cascade import spearman
 from unetpp.export.repository import ExportOptions, export_repository
-
-from benchmarks.common import ROOT, Study, interleaved_ms, shown
 
 ALL_THE_WAY = "stages 1-4"  # the cascade forced to escalate every window
 

@@ -37,10 +37,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from unetpp.core.imageio import encode_png
 
 from benchmarks.common import ROOT, Study, command_line, free_port, load_average, place, shown
 from benchmarks.soak import _image
+from unetpp.core.imageio import encode_png
 
 PROBE_TIMEOUT_S = 5.0
 V2_LENGTH = "Inference-Header-Content-Length"

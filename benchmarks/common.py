@@ -277,6 +277,7 @@ def full_width_repository(out: Path, int8: bool = True) -> Path:
     if (out / "model.json").exists():
         return out
     import torch
+
     from unetpp.core.datasets import data_task, synthetic_split
     from unetpp.core.preprocess import Preprocessing
     from unetpp.export.repository import ExportOptions, export_repository

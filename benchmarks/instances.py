@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from benchmarks.common import Study, interleaved_ms, shown, summary_ms
 from unetpp.core import instances
 from unetpp.core.datasets import load_split
 from unetpp.core.inference import create_session, network_input, predict_logits, run_batch
@@ -39,8 +41,6 @@ from unetpp.core.manifest import load_repository
 from unetpp.core.metrics import ObjectAccumulator, ScoreAccumulator
 from unetpp.core.render import render
 from unetpp.core.task import OBJECT_FORMATS, sigmoid
-
-from benchmarks.common import Study, interleaved_ms, shown, summary_ms
 
 FOUR = ndi.generate_binary_structure(2, 1)
 FOOTPRINTS = (15, 21, 31)  # the served method's footprint, varied on the deepest graph

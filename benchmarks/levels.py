@@ -81,6 +81,7 @@ def measure(
     repo: Path, checkpoint: Path, sizes: list[int], batches: list[int], repeats: int
 ) -> list[dict[str, Any]]:
     import torch
+
     from unetpp.core.inference import create_session, run_batch
     from unetpp.core.manifest import load_repository
     from unetpp.model.checkpoint import load_checkpoint

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from unetpp.core.imageio import encode_png
 
 from benchmarks.common import ROOT, Study, free_port, shown, start_process, stop, summary_ms
+from unetpp.core.imageio import encode_png
 
 HELA_SIZE = (700, 1100)
 

@@ -66,6 +66,7 @@ def tiny_repository(work: Path) -> Path:
 def write_slide(path: Path, side: int) -> None:
     """A side x side uint16 tiled BigTIFF of synthetic nuclei, written tile by tile."""
     import tifffile
+
     from unetpp.core.datasets import synthetic_image
 
     base, _ = synthetic_image(np.random.default_rng(0), 256)

@@ -40,8 +40,6 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
-from unetpp.core.datasets import synthetic_image
-from unetpp.core.imageio import encode_png
 
 from benchmarks import loadgen
 from benchmarks.common import (
@@ -53,6 +51,8 @@ from benchmarks.common import (
     shown,
 )
 from benchmarks.server import serving
+from unetpp.core.datasets import synthetic_image
+from unetpp.core.imageio import encode_png
 
 GROWTH_GOAL_PCT = 5.0
 

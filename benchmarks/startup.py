@@ -81,6 +81,7 @@ def install_before(commit: str) -> Path:
 
 def image_png() -> bytes:
     import numpy as np
+
     from unetpp.core.datasets import synthetic_image
     from unetpp.core.imageio import encode_png
 

@@ -28,12 +28,11 @@ import shlex
 import time
 from pathlib import Path
 
+from benchmarks.common import ROOT, machine, place, save, shown, unetpp
 from unetpp.core.datasets import load_split
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.data import AUGMENTS
 from unetpp.model.train import TrainConfig, evaluate, format_table
-
-from benchmarks.common import ROOT, machine, place, save, shown, unetpp
 
 
 def run_training(config: TrainConfig) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.inference import INPUT_NAME, create_session, run_batch
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from unetpp.core import tiling
 from unetpp.core.errors import InvalidInput
 from unetpp.core.inference import INPUT_NAME, create_session

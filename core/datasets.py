@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageSequence
+
 from unetpp.core.errors import InvalidInput, UNetPPError
 from unetpp.core.imageio import decode_image
 from unetpp.core.task import Task

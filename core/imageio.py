@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from unetpp.core.errors import ImageDecodeError, ImageTooLarge, UnsupportedImage
 
 FORMATS = ("PNG", "JPEG", "TIFF")

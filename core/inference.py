@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from unetpp.core import instances
 from unetpp.core.datasets import Sample
 from unetpp.core.errors import InvalidInput, ModelRepositoryError

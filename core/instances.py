@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from unetpp.core.errors import InvalidInput
 from unetpp.core.imageio import encode_png
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from unetpp.core import tiling
 from unetpp.core.inference import create_session, run_batch, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository

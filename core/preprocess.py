@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
 from unetpp.core.errors import InvalidInput
 
 MULTIPLE = 16  # 2**4: four 2x2 poolings between X(0,0) and X(4,0)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from unetpp.core import instances
 from unetpp.core.errors import BadParameter
 from unetpp.core.imageio import encode_png

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import zarr
+
 from unetpp.core.errors import Cancelled, ImageDecodeError, UnsupportedImage
 from unetpp.core.preprocess import Preprocessing, padding_for, to_channels
 from unetpp.core.tiling import Blend

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from unetpp.core.errors import InvalidInput
 from unetpp.core.metrics import ScoreAccumulator
 

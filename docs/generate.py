@@ -18,6 +18,7 @@ import annotated_types
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
+
 from unetpp.server.app import create_app
 from unetpp.server.jobs import JobSettings
 from unetpp.server.settings import Settings

@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
+
 from unetpp.core.cascade import (
     Cascade,
     agreement,

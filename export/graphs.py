@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
+
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import INPUT_NAME, create_session, run_batch
 from unetpp.core.task import Task

@@ -21,6 +21,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
+
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import INPUT_NAME
 

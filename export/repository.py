@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 from torch import nn
+
 from unetpp.core.datasets import Sample, load_split
 from unetpp.core.errors import ExportError, InvalidInput
 from unetpp.core.inference import (

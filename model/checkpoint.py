@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing
 from unetpp.core.task import Task

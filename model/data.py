@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
 from unetpp.core.datasets import Sample
 from unetpp.core.preprocess import Preprocessing
 

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
 from unetpp.model.unetpp import DEPTH, UNetPlusPlus, build_model, count_parameters, default_config
 
 

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
 from unetpp.core.datasets import Sample, data_task, load_split
 from unetpp.core.errors import InvalidInput, UNetPPError
 from unetpp.core.metrics import ScoreAccumulator

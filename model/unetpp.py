@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from unetpp.core.preprocess import check_size
 
 Arch = Literal["unetpp", "unet", "wide_unet"]

@@ -19,6 +19,7 @@ import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from unetpp.server.metrics import Metrics
 
 log = logging.getLogger("unetpp.access")

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from unetpp import __version__
 from unetpp.server.access import AccessLog
 from unetpp.server.connections import BodyDeadline, ConnectionGuard
 from unetpp.server.deps import Authorized
@@ -19,8 +21,6 @@ from unetpp.server.metrics import Metrics
 from unetpp.server.registry import Registry
 from unetpp.server.routers import admin, health, jobs, metrics, models, segment, v2, web
 from unetpp.server.settings import Settings
-
-from unetpp import __version__
 
 DESCRIPTION = """
 UNet++ segmentation with four pruned graphs (L1..L4, and the ensemble of their heads where the

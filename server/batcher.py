@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from unetpp.core.errors import UNetPPError
 from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.errors import DeadlineExceeded, NotReady

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from unetpp.server.errors import Unauthorized
 from unetpp.server.registry import Registry
 from unetpp.server.settings import Settings

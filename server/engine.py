@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
 from unetpp.core import cascade, pipeline, tiling
 from unetpp.core.errors import BadParameter, ImageTooLarge
 from unetpp.core.imageio import decode_image

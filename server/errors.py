@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+
 from unetpp.core.errors import ImageTooLarge, UNetPPError, UnsupportedImage
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+
 from unetpp.core.cascade import CascadeResult
 from unetpp.core.manifest import Graph
 from unetpp.core.pipeline import Plan, Prepared

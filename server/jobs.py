@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from unetpp.core import slide
 from unetpp.core.errors import Cancelled, ImageTooLarge, ModelRepositoryError, UNetPPError
 from unetpp.core.inference import run_batch

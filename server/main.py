@@ -24,6 +24,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+
 from unetpp.core.errors import InvalidInput
 from unetpp.server.app import create_app
 from unetpp.server.connections import BACKLOG, raise_open_file_limit

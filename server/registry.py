@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
+
 from unetpp.core.errors import UNetPPError
 from unetpp.core.manifest import MANIFEST_NAME, read_manifest
 from unetpp.server import memory

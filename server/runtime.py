@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from unetpp.core.inference import create_session, run_batch, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository
 from unetpp.core.preprocess import MULTIPLE

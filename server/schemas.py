@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
 from unetpp.core.pipeline import Plan
 from unetpp.core.routing import Choice, Route
 from unetpp.server.engine import Engine

@@ -5,6 +5,7 @@ A server with no key must not let any caller reload or unload its models."""
 from __future__ import annotations
 
 from fastapi import Depends
+
 from unetpp.server.deps import BearerDep, SettingsDep, require_token
 from unetpp.server.errors import AdminClosed
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.core.routing import Mode
 

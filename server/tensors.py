@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from unetpp.core.errors import InvalidInput
 
 DATATYPES: dict[str, np.dtype] = {

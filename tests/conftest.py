@@ -104,6 +104,7 @@ def _tiny_checkpoint(out: Path, source: str, loss) -> Path:
     task, trained for 30 steps with `loss(head outputs, target)` so its outputs mean something."""
     import numpy as np
     import torch
+
     from unetpp.core.datasets import data_task
     from unetpp.core.preprocess import Preprocessing
     from unetpp.model.checkpoint import Checkpoint, save_checkpoint

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from unetpp.core.imageio import encode_png
-from unetpp.core.manifest import read_manifest
 
 from tests.server.conftest import settings, start, stop, synthetic
 from unetpp.cli import build_parser
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -22,6 +22,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+
 from unetpp.core.preprocess import crop_to, pad_to_multiple
 from unetpp.model.checkpoint import load_checkpoint
 

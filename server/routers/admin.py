@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+
 from unetpp.server.deps import RegistryDep
 from unetpp.server.errors import LoadFailed
 from unetpp.server.security import AdminAllowed

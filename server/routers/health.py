@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+
 from unetpp.server.deps import RegistryDep, SettingsDep, authorized, bearer_token
 from unetpp.server.errors import ModelUnavailable, NotReady
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
+
 from unetpp.core import slide
 from unetpp.core.errors import BadParameter, UNetPPError
 from unetpp.server.errors import UnsupportedMediaType

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+
 from unetpp.server.deps import RegistryDep
 
 router = APIRouter(tags=["operations"], include_in_schema=False)

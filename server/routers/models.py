@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+
 from unetpp.server.deps import RegistryDep
 from unetpp.server.schemas import ModelDescription, ModelList, describe, queue
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
+
 from unetpp.core import cascade
 from unetpp.core.errors import BadParameter
 from unetpp.core.imageio import encode_png

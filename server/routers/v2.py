@@ -21,6 +21,8 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+
+from unetpp import __version__
 from unetpp.core.errors import ImageTooLarge
 from unetpp.core.task import Task
 from unetpp.server import facade, tensors
@@ -31,8 +33,6 @@ from unetpp.server.registry import Registry
 from unetpp.server.routers.segment import RouteParams
 from unetpp.server.security import AdminAllowed
 from unetpp.server.tensors import InvalidTensor, Tensor
-
-from unetpp import __version__
 
 # The protocol is specified by the Open Inference Protocol itself (errors `{"error"}`, not the
 # /v1 shape), so it stays out of this server's OpenAPI schema; docs/api.md documents the contract.

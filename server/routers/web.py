@@ -7,6 +7,7 @@ from importlib import resources
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, Response
+
 from unetpp.core.datasets import synthetic_split
 from unetpp.core.imageio import encode_png
 from unetpp.core.render import display_rgb

@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from unetpp.core.imageio import encode_png
-from unetpp.core.manifest import read_manifest
 
 from tests.conftest import free_port
 from tests.server.conftest import LiveServer, settings, start, stop, synthetic
 from unetpp.client import APIError, AsyncClient, Client, Retry
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import read_manifest
 
 LEVEL = 2  # an explicit graph: every format below comes from the same logits
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from unetpp.core import tiling
-from unetpp.core.imageio import encode_png
-from unetpp.core.pipeline import LocalModel, Tiling
-from unetpp.core.routing import Choice
-from unetpp.server.settings import Settings
 
 from tests.server.conftest import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, settings, start, stop
 from tests.server.conftest import synthetic as synthetic_image
 from unetpp.cli import main
 from unetpp.client import decode_body
+from unetpp.core import tiling
+from unetpp.core.imageio import encode_png
+from unetpp.core.pipeline import LocalModel, Tiling
+from unetpp.core.routing import Choice
 from unetpp.predict import collect, shard
+from unetpp.server.settings import Settings
 
 SMALL_TILES = [
     f"--tile-size={TILE_SIZE}",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from unetpp.core.backends import OnnxRuntime, OpenVINO, backend
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.manifest import load_repository

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from unetpp.core.errors import ImageDecodeError, ImageTooLarge, UnsupportedImage
 from unetpp.core.imageio import decode_image, encode_png
 

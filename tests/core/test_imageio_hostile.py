@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from unetpp.core.errors import UNetPPError
 from unetpp.core.imageio import decode_image
 from unetpp.core.preprocess import Preprocessing

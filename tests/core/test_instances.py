@@ -11,6 +11,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from shapely import contains_xy
 from shapely.geometry import Polygon, shape
+
 from unetpp.core import instances
 from unetpp.core.errors import BadParameter
 from unetpp.core.imageio import decode_image

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from unetpp.core.errors import ModelRepositoryError
 from unetpp.core.manifest import (
     SCHEMA_VERSION,

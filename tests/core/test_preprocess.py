@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple, to_channels
 

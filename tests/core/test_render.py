@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image, ImageSequence
+
 from unetpp.core.errors import BadParameter
 from unetpp.core.render import bbox, render, rle
 from unetpp.core.task import Task

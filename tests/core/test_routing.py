@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from unetpp.core.errors import BadParameter
 from unetpp.core.routing import Candidate, Choice, choose
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+
 from unetpp.core import slide
 from unetpp.core.errors import Cancelled, ImageDecodeError, ImageTooLarge
 from unetpp.core.imageio import decode_image

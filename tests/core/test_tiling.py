@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from unetpp.core.tiling import count, infer_tiled, infer_tiled_sync, ramp, starts
 
 

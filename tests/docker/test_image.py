@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from unetpp.core.datasets import synthetic_image
-from unetpp.core.imageio import decode_image, encode_png
 
 from tests.conftest import free_port, wait_ready
+from unetpp.core.datasets import synthetic_image
+from unetpp.core.imageio import decode_image, encode_png
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "localhost/base-python:bookworm"

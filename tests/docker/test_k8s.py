@@ -8,11 +8,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from unetpp.server.jobs import JobSettings
-from unetpp.server.settings import Settings
 
 from tests.docker import drain_budget_s
 from tests.server.conftest import start, stop
+from unetpp.server.jobs import JobSettings
+from unetpp.server.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 VERSION = "1.33"

@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from unetpp.core.imageio import encode_png
 
 from benchmarks.common import full_width_repository
 from tests.conftest import free_port, wait_ready
 from tests.server.conftest import synthetic
+from unetpp.core.imageio import encode_png
 
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "docker" / "k8s" / "deployment.yaml"
 CGROUP = Path("/sys/fs/cgroup")

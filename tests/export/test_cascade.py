@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import tiny_samples
 from unetpp.core import tiling
 from unetpp.core.cascade import Cascade, agreement, candidates, disagreement_u16, level_nodes
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
@@ -16,8 +18,6 @@ from unetpp.core.manifest import load_repository, read_manifest
 from unetpp.core.routing import Choice, choose
 from unetpp.export.cascade import spearman
 from unetpp.export.graphs import LOGITS_TOLERANCE
-
-from tests.conftest import tiny_samples
 
 
 @pytest.fixture(scope="module")

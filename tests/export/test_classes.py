@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import tiny_samples
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import create_session, predict_logits, run_batch
 from unetpp.core.manifest import load_repository
@@ -16,8 +18,6 @@ from unetpp.core.task import Task
 from unetpp.export.evaluate import evaluate_repository, format_table
 from unetpp.export.graphs import check_parity, export_graph
 from unetpp.model.checkpoint import load_checkpoint
-
-from tests.conftest import tiny_samples
 
 CLASSES = ("round", "elongated")
 

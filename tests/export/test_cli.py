@@ -4,12 +4,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-from unetpp.core.manifest import load_repository
-from unetpp.export.graphs import check_graph
-from unetpp.export.repository import ExportOptions, export_repository
 
 from tests.conftest import one_torch_thread, tiny_samples
 from unetpp.cli import main
+from unetpp.core.manifest import load_repository
+from unetpp.export.graphs import check_graph
+from unetpp.export.repository import ExportOptions, export_repository
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import tiny_samples
 from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.metrics import ScoreAccumulator
 from unetpp.core.preprocess import crop_to, pad_to_multiple
 from unetpp.export.evaluate import evaluate_repository
 from unetpp.model.checkpoint import load_checkpoint
-
-from tests.conftest import tiny_samples
 
 
 def _torch_scores(checkpoint: Path, samples: list, level: int | None) -> ScoreAccumulator:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+
+from tests.conftest import tiny_samples
 from unetpp.core import instances
 from unetpp.core.errors import ModelRepositoryError
 from unetpp.core.imageio import encode_png
@@ -19,8 +21,6 @@ from unetpp.core.manifest import Manifest, read_manifest
 from unetpp.core.metrics import match_objects
 from unetpp.export import evaluate
 from unetpp.export.repository import ExportOptions, export_repository
-
-from tests.conftest import tiny_samples
 
 
 def object_samples() -> list:

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import create_session, run_batch
 from unetpp.core.task import Task

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+
 from unetpp.core.errors import ModelRepositoryError
 from unetpp.core.manifest import SCHEMA_VERSION, load_repository, read_manifest
 from unetpp.export.graphs import check_graph, initializer_parameters

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing
 from unetpp.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

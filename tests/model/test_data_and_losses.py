@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from unetpp.core.datasets import Sample, synthetic_split
 from unetpp.core.preprocess import Preprocessing
 from unetpp.model.data import CropDataset

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from unetpp.cli import build_parser
+from unetpp.cli import main as cli_main
 from unetpp.core.datasets import load_split
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.train import TrainConfig, config_from_args, evaluate, train
-
-from unetpp.cli import build_parser
-from unetpp.cli import main as cli_main
 
 TINY = (4, 8, 16, 32, 64)
 LEVELS = ["L1", "L2", "L3", "L4", "ensemble"]

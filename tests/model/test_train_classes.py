@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from unetpp.core.datasets import SYNTHETIC_CLASSES, load_split
 from unetpp.core.task import Task
 from unetpp.model.checkpoint import load_checkpoint

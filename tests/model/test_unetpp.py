@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from unetpp.core.errors import InvalidInput
 from unetpp.model.unetpp import (
     UNet,

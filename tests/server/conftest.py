@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+
 from unetpp.core.imageio import encode_png
 from unetpp.server.app import create_app
 from unetpp.server.settings import Settings

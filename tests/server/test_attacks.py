@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from unetpp.core.imageio import encode_png
 
 from .conftest import synthetic

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+
 from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.batcher import Batcher
 from unetpp.server.errors import DeadlineExceeded

@@ -25,10 +25,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from unetpp.core.imageio import encode_png
-from unetpp.core.manifest import sha256_file
 
 from tests.conftest import free_port
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import sha256_file
 
 from .conftest import settings, start, stop, synthetic
 from .test_http import failed_readiness

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from unetpp.core.imageio import encode_png
 
 from .conftest import synthetic

@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.core.test_render import unrle
 from unetpp.core.imageio import encode_png
 from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.manifest import read_manifest
 from unetpp.core.tiling import starts
-
-from tests.core.test_render import unrle
 
 from .conftest import (
     TILE_ABOVE,

@@ -8,9 +8,6 @@ import pytest
 from pycocotools import mask as coco_mask
 from shapely import contains_xy
 from shapely.geometry import shape
-from unetpp.core.imageio import decode_image, encode_png
-from unetpp.core.metrics import match_objects
-from unetpp.core.tiling import starts
 
 from tests.server.conftest import (
     TILE_ABOVE,
@@ -21,6 +18,9 @@ from tests.server.conftest import (
     stop,
     synthetic,
 )
+from unetpp.core.imageio import decode_image, encode_png
+from unetpp.core.metrics import match_objects
+from unetpp.core.tiling import starts
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

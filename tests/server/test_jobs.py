@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
+
 from unetpp.core.pipeline import LocalModel
 from unetpp.core.tiling import infer_tiled_sync, starts
 

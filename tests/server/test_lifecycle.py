@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from unetpp.core.imageio import encode_png
-from unetpp.core.manifest import read_manifest
 
 from tests.conftest import free_port, wait_ready
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import read_manifest
 
 from .conftest import synthetic
 from .test_operations import scrape, value

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
 from unetpp.core.imageio import encode_png
 
 from .conftest import synthetic

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from unetpp.core.imageio import encode_png
 
 from .conftest import LiveServer, settings, start, stop, synthetic

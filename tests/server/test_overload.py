@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+
 from unetpp.core.imageio import encode_png
 from unetpp.server.admission import Gate
 from unetpp.server.engine import Engine

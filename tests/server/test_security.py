@@ -14,6 +14,7 @@ from urllib.parse import quote
 import pytest
 from fastapi.routing import iter_route_contexts
 from packaging.requirements import Requirement
+
 from unetpp.core.manifest import read_manifest
 
 from .conftest import settings, start, stop

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from unetpp.core.errors import ImageTooLarge, ModelRepositoryError
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import MANIFEST_NAME, Accuracy, Graph, Manifest

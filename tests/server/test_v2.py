@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
 from unetpp.core.manifest import read_manifest
 
 from .test_http import decode

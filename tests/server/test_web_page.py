@@ -141,10 +141,10 @@ def test_a_multiclass_model_names_its_colours(
     """The overlay draws each class in its colour; the page names them in a legend and offers
     no object downloads (binary models only)."""
     from selenium.webdriver.common.by import By
-    from unetpp.core.imageio import encode_png
 
     from tests.conftest import tiny_samples
     from tests.server.conftest import settings, start, stop
+    from unetpp.core.imageio import encode_png
 
     path = tmp_path / "cells.png"
     path.write_bytes(encode_png(tiny_samples("val", classes=True)[0].image))
