@@ -1,17 +1,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.helpers import TINY_WIDTHS, one_torch_thread, tiny_samples
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,37 +63,6 @@ def run_without_torch(tmp_path: Path):
         )
 
     return run
-
-
-# A tiny trained UNet++ and its exported model repository, shared by the export and server tests.
-TINY_WIDTHS = (4, 8, 16, 32, 64)
-TINY_VAL_SIZE = (72, 100)  # not multiples of 16: evaluation pads and crops back
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch on one thread: on a busy shared 2-core machine, two OpenMP threads can run a tiny
-    model 100x slower (each waits for the other at every barrier)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def tiny_samples(split: str, count: int = 4, classes: bool = False) -> list:
-    """Synthetic samples cropped to TINY_VAL_SIZE (fast to run through a tiny model); `classes`:
-    "synthetic-classes" (label maps: 1 round, 2 elongated)."""
-    from unetpp.core.datasets import Sample, synthetic_split
-
-    h, w = TINY_VAL_SIZE
-    return [
-        Sample(s.name, s.image[:h, :w], s.mask[:h, :w])
-        for s in synthetic_split(split, count=count, classes=classes)
-    ]
 
 
 def _tiny_checkpoint(out: Path, source: str, loss) -> Path:
@@ -179,23 +145,3 @@ def tiny_classes_repository(
 ) -> Path:
     out = tmp_path_factory.mktemp("tiny_classes_repository") / "models"
     return _tiny_repository(tiny_classes_checkpoint, out, "synthetic-classes", "cells")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll `url`/readyz until 200, failing with the process's output if it exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else proc.returncode
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not become ready in {timeout} s"
-        time.sleep(0.2)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server.conftest import settings, start, stop, synthetic
+from tests.helpers import settings, start, stop, synthetic
 from unetpp.cli import build_parser
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
-from tests.server.conftest import LiveServer, settings, start, stop, synthetic
+from tests.helpers import LiveServer, free_port, settings, start, stop, synthetic
 from unetpp.client import APIError, AsyncClient, Client, Retry
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_ready
+from tests.helpers import free_port, wait_ready
 from unetpp.demo import repository_for
 
 

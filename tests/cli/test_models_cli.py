@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import free_port
+from tests.helpers import free_port, settings, start, stop
 from tests.server import test_models as shared
-from tests.server.conftest import settings, start, stop
 from unetpp.cli import main
 
 # the server of tests/server/test_models.py: nuclei, cells (L1 and L2), broken (admin open)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server.conftest import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, settings, start, stop
-from tests.server.conftest import synthetic as synthetic_image
+from tests.helpers import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, settings, start, stop
+from tests.helpers import synthetic as synthetic_image
 from unetpp.cli import main
 from unetpp.client import decode_body
 from unetpp.core import tiling

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
+from tests.helpers import unrle
 from unetpp.core.errors import BadParameter
 from unetpp.core.render import bbox, render, rle
 from unetpp.core.task import Task
-
-
-def unrle(counts: list[int], shape: tuple[int, int]) -> np.ndarray:
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(shape)
 
 
 def _png(content: bytes) -> np.ndarray:

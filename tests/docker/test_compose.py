@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.docker import drain_budget_s
+from tests.helpers import drain_budget_s
 from unetpp.demo import repository_for
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"

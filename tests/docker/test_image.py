@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import free_port, wait_ready
+from tests.helpers import free_port, wait_ready
 from unetpp.core.datasets import synthetic_image
 from unetpp.core.imageio import decode_image, encode_png
 

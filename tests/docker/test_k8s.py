@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.docker import drain_budget_s
-from tests.server.conftest import start, stop
+from tests.helpers import K8S, K8S_VERSION, documents, drain_budget_s, start, stop
 from unetpp.server.jobs import JobSettings
 from unetpp.server.settings import Settings
-
-K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
-VERSION = "1.33"
-
-
-def documents(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
 
 
 def core_manifests() -> list[tuple[str, dict]]:
@@ -31,7 +22,7 @@ def core_manifests() -> list[tuple[str, dict]]:
     ("name", "doc"), core_manifests(), ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_manifest_is_valid(name: str, doc: dict) -> None:
-    kubernetes_validate.validate(doc, VERSION, strict=True)
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_the_validator_catches_mistakes() -> None:
@@ -39,11 +30,11 @@ def test_the_validator_catches_mistakes() -> None:
     broken = copy.deepcopy(deployment)
     broken["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(broken, VERSION, strict=True)
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
     typo = copy.deepcopy(deployment)
     typo["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(typo, VERSION, strict=True)
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
 
 
 def test_deployment_probes_limits_and_volume() -> None:
@@ -104,7 +95,7 @@ def test_inference_service_pod_part_is_valid() -> None:
             for key in ("containers", "volumes", "terminationGracePeriodSeconds")
         },
     }
-    kubernetes_validate.validate(pod, VERSION, strict=True)
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"
     assert {"name": "PROTOCOL", "value": "v2"} in container["env"]

@@ -21,8 +21,7 @@ import pytest
 import yaml
 
 from benchmarks.common import full_width_repository
-from tests.conftest import free_port, wait_ready
-from tests.server.conftest import synthetic
+from tests.helpers import free_port, synthetic, wait_ready
 from unetpp.core.imageio import encode_png
 
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "docker" / "k8s" / "deployment.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kubernetes_validate
 
-from tests.docker.test_k8s import VERSION, documents
+from tests.helpers import K8S_VERSION, documents
 from unetpp.cli import build_parser
 
 NAME = "predict-job.yaml"
@@ -18,7 +18,7 @@ def job() -> dict:
 def test_every_document_is_valid() -> None:
     kinds = []
     for doc in documents(NAME):
-        kubernetes_validate.validate(doc, VERSION, strict=True)
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         kinds.append(doc["kind"])
     assert sorted(kinds) == ["Job", "PersistentVolumeClaim"]
 

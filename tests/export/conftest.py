@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import one_torch_thread
+from tests.helpers import one_torch_thread
 
 
 @pytest.fixture(autouse=True)

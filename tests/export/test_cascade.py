@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_samples
+from tests.helpers import tiny_samples
 from unetpp.core import tiling
 from unetpp.core.cascade import Cascade, agreement, candidates, disagreement_u16, level_nodes
 from unetpp.core.errors import InvalidInput, ModelRepositoryError

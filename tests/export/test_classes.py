@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_samples
+from tests.helpers import tiny_samples
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import create_session, predict_logits, run_batch
 from unetpp.core.manifest import load_repository

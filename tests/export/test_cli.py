@@ -5,7 +5,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.conftest import one_torch_thread, tiny_samples
+from tests.helpers import one_torch_thread, tiny_samples
 from unetpp.cli import main
 from unetpp.core.manifest import load_repository
 from unetpp.export.graphs import check_graph

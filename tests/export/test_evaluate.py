@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_samples
+from tests.helpers import tiny_samples
 from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.metrics import ScoreAccumulator
 from unetpp.core.preprocess import crop_to, pad_to_multiple

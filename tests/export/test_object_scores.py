@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from tests.conftest import tiny_samples
+from tests.helpers import tiny_samples
 from unetpp.core import instances
 from unetpp.core.errors import ModelRepositoryError
 from unetpp.core.imageio import encode_png

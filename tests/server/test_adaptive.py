@@ -13,13 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.core.test_render import unrle
+from tests.helpers import (
+    TILE_ABOVE,
+    TILE_OVERLAP,
+    TILE_SIZE,
+    settings,
+    start,
+    stop,
+    synthetic,
+    unrle,
+)
 from unetpp.core.cascade import Cascade, agreement, disagreement_u16
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import load_repository
 from unetpp.core.preprocess import crop_to, pad_to_multiple
-
-from .conftest import TILE_ABOVE, TILE_OVERLAP, TILE_SIZE, settings, start, stop, synthetic
 
 
 @pytest.fixture(scope="module")

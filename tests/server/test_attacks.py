@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import synthetic
 from unetpp.core.imageio import encode_png
 
-from .conftest import synthetic
 from .test_lifecycle import serve
 from .test_operations import scrape, value
 from .test_v2 import LENGTH, binary_request, model_name

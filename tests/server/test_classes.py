@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from tests.conftest import tiny_samples
-from tests.core.test_render import unrle
+from tests.helpers import LiveServer, settings, start, stop, tiny_samples, unrle
 from unetpp.core.imageio import encode_png
 from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.manifest import read_manifest
-
-from .conftest import LiveServer, settings, start, stop
 
 CLASSES = ["background", "round", "elongated"]
 

@@ -26,11 +26,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import free_port
+from tests.helpers import free_port, settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import sha256_file
 
-from .conftest import settings, start, stop, synthetic
 from .test_http import failed_readiness
 
 

@@ -17,9 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.helpers import synthetic
 from unetpp.core.imageio import encode_png
-
-from .conftest import synthetic
 
 # Pillow warns about the corrupt files these tests are made of
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

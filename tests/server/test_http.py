@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.core.test_render import unrle
-from unetpp.core.imageio import encode_png
-from unetpp.core.inference import create_session, predict_logits
-from unetpp.core.manifest import read_manifest
-from unetpp.core.tiling import starts
-
-from .conftest import (
+from tests.helpers import (
     TILE_ABOVE,
     TILE_OVERLAP,
     TILE_SIZE,
@@ -28,7 +22,12 @@ from .conftest import (
     start,
     stop,
     synthetic,
+    unrle,
 )
+from unetpp.core.imageio import encode_png
+from unetpp.core.inference import create_session, predict_logits
+from unetpp.core.manifest import read_manifest
+from unetpp.core.tiling import starts
 
 ROUTE_HEADERS = (
     "x-unetpp-graph",

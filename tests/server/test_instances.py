@@ -9,7 +9,7 @@ from pycocotools import mask as coco_mask
 from shapely import contains_xy
 from shapely.geometry import shape
 
-from tests.server.conftest import (
+from tests.helpers import (
     TILE_ABOVE,
     TILE_OVERLAP,
     TILE_SIZE,

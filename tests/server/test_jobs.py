@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import tifffile
 
+from tests.helpers import synthetic
 from unetpp.core.pipeline import LocalModel
 from unetpp.core.tiling import infer_tiled_sync, starts
 
 from . import test_lifecycle as lifecycle
-from .conftest import synthetic
 
 TILE, OVERLAP = 128, 32
 KEY = {"Authorization": "Bearer k3y"}

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port, wait_ready
+from tests.helpers import free_port, synthetic, wait_ready
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest
 
-from .conftest import synthetic
 from .test_operations import scrape, value
 
 KEY = {"Authorization": "Bearer k3y"}

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from tests.helpers import synthetic
 from unetpp.core.imageio import encode_png
 
-from .conftest import synthetic
 from .test_lifecycle import serve
 
 CEILING = 900 << 20

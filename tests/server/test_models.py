@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import LiveServer, settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
 
-from .conftest import LiveServer, settings, start, stop, synthetic
 from .test_faults import corrupt_graph, edit_manifest
 from .test_lifecycle import serve
 from .test_operations import scrape, value

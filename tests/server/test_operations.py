@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import settings, start, stop
+from tests.helpers import settings, start, stop
 
 
 def scrape(client, **kwargs) -> dict[tuple[str, tuple], float]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from tests.helpers import settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
 from unetpp.server.admission import Gate
 from unetpp.server.engine import Engine
@@ -23,8 +24,6 @@ from unetpp.server.errors import DeadlineExceeded, QueueFull
 from unetpp.server.metrics import Metrics
 from unetpp.server.registry import Registry
 from unetpp.server.runtime import load_model
-
-from .conftest import settings, start, stop, synthetic
 
 MAX_QUEUE = 2
 CLIENTS = 16

@@ -15,9 +15,9 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from packaging.requirements import Requirement
 
+from tests.helpers import settings, start, stop
 from unetpp.core.manifest import read_manifest
 
-from .conftest import settings, start, stop
 from .test_hostile_input import first_response
 from .test_http import failed_readiness
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.server.conftest import LiveServer
+from tests.helpers import LiveServer
 
 ARTIFACTS = Path(os.environ.get("UNETPP_TEST_ARTIFACTS", "test-artifacts"))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -118,7 +118,7 @@ def test_the_page_asks_for_the_api_key(browser, tiny_repository: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
 
-    from tests.server.conftest import settings, start, stop
+    from tests.helpers import settings, start, stop
 
     server = start(settings(tiny_repository, api_key="s3cret"))
     try:
@@ -142,8 +142,7 @@ def test_a_multiclass_model_names_its_colours(
     no object downloads (binary models only)."""
     from selenium.webdriver.common.by import By
 
-    from tests.conftest import tiny_samples
-    from tests.server.conftest import settings, start, stop
+    from tests.helpers import settings, start, stop, tiny_samples
     from unetpp.core.imageio import encode_png
 
     path = tmp_path / "cells.png"
