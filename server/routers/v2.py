@@ -2,7 +2,7 @@
 
 The model is the manifest's `name`; each served graph (L1..L4, ensemble, L1.int8, ...) is one
 of its versions. Without a version, the request's `parameters` route it like /v1 (mode, level,
-max_latency_ms, min_iou, precision, deadline_ms). Tensor contract (README, "KServe v2"):
+max_latency_ms, min_iou, precision, deadline_ms). Tensor contract (docs/operations.md, "The tensor contract"):
 
 - input `image`: [N, C, H, W] (C = 1..4) or [H, W]; raw pixels of any numeric datatype
   (UINT8, UINT16, FP32, ...), preprocessed by the manifest's recipe exactly like a decoded file;
