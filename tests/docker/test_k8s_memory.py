@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import yaml
 
 from benchmarks.common import full_width_repository
 from tests.helpers import free_port, synthetic, wait_ready
-from unetpp.core.imageio import encode_png
+from unetpp.client import Client
 
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "docker" / "k8s" / "deployment.yaml"
 CGROUP = Path("/sys/fs/cgroup")
@@ -103,9 +102,9 @@ def test_the_deployment_starts_and_serves_under_its_memory_limit(eight_graphs, t
             started = time.monotonic()
             wait_ready(url, proc, timeout=120)
             ready_s = time.monotonic() - started
-            with httpx.Client(base_url=url, timeout=600) as http:
-                serve_every_shape(http)
-                (model,) = http.get("/v1/models").json()["models"]
+            with Client(url, timeout=600) as client:
+                serve_every_shape(client)
+                (model,) = client.models()["models"]
             assert proc.poll() is None, log.read_text()[-3000:]
             assert oom_kills(group, events) == 0
         finally:
@@ -114,40 +113,15 @@ def test_the_deployment_starts_and_serves_under_its_memory_limit(eight_graphs, t
     assert len(model["graphs"]) == 8 and ready_s < 60, (len(model["graphs"]), ready_s)
 
 
-def serve_every_shape(http: httpx.Client) -> None:
+def serve_every_shape(client: Client) -> None:
     """A small image in the default mode; a 1024x1024 image on L4 (the largest run whole by
     default, where memory allows); a /v2 batch of three of them; the largest image the server
-    accepts by default (40 MP), on L1."""
-    png = {"content-type": "image/png"}
-    small = encode_png(synthetic(256, 256))
-    assert http.post("/v1/segment", content=small, headers=png).status_code == 200
+    accepts by default (40 MP), on L1. The client raises on any answer but 200."""
+    client.segment(synthetic(256, 256))
     megapixel = synthetic(1024, 1024)
-    r = http.post("/v1/segment", content=encode_png(megapixel), params={"level": 4}, headers=png)
-    assert r.status_code == 200, r.text
+    assert client.segment(megapixel, level=4).graph == "L4"
     batch = np.stack([megapixel] * 3)[:, None].astype(np.uint16)
-    infer = {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "UINT16",
-                "shape": list(batch.shape),
-                "parameters": {"binary_data_size": batch.nbytes},
-            }
-        ],
-        "outputs": [{"name": "mask", "parameters": {"binary_data": True}}],
-        "parameters": {"mode": "fast"},
-    }
-    header = httpx.Request("POST", "/", json=infer).content
-    r = http.post(
-        "/v2/models/unetpp/infer",
-        content=header + batch.tobytes(),
-        headers={
-            "Inference-Header-Content-Length": str(len(header)),
-            "content-type": "application/octet-stream",
-        },
-    )
-    assert r.status_code == 200, r.text[:500]
+    client.infer("unetpp", batch, mode="fast", outputs=("mask",))
     largest = np.zeros((6320, 6320), np.uint8)  # 39.9 MP, within max_pixels (40 MP)
     largest[1000:1100, 2000:2300] = 200
-    r = http.post("/v1/segment", content=encode_png(largest), params={"level": 1}, headers=png)
-    assert r.status_code == 200 and r.headers["x-unetpp-graph"] == "L1", r.text[:500]
+    assert client.segment(largest, level=1).graph == "L1"
