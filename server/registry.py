@@ -242,12 +242,17 @@ class Registry:
         if slot.engine is None:
             slot.state = "loading"
         log.info("loading model %s from %s", slot.name, slot.directory)
-        try:
-            model = await asyncio.to_thread(
-                load_model, slot.directory, settings.device, settings.threads, settings.memory_arena
+
+        def build() -> Engine:  # sessions (the cascade's stages too) and the probe: a thread's
+            model = load_model(
+                slot.directory, settings.device, settings.threads, settings.memory_arena
             )
             engine = Engine(slot.name, model, settings, self.metrics, self.gate, self.budget)
-            await asyncio.to_thread(engine.probe, self.stopping)
+            engine.probe(self.stopping)
+            return engine
+
+        try:
+            engine = await asyncio.to_thread(build)
         except UNetPPError as exc:
             failure = LoadFailed(f"model {slot.name}: {exc.detail}")
         except Exception as exc:  # onnxruntime's own errors are untyped; stay up, say why
