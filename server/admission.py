@@ -200,7 +200,9 @@ class MemoryBudget:
         self.in_use -= nbytes
         self._freed.set()
         if not self.in_use and nbytes >= TRIM_ABOVE:
-            memory.trim()  # the last large batch ended: give its memory back to the kernel
+            # the last large batch ended: give its memory back to the kernel, off the event
+            # loop (trimming a large heap takes milliseconds)
+            asyncio.get_running_loop().run_in_executor(None, memory.trim)
 
     async def freed(self) -> None:
         """Wait until some running batch releases its bytes."""
