@@ -1,17 +1,18 @@
 """`unetpp train`: deep-supervised training with per-level validation, resumable, single or DDP.
 
-Reads top to bottom: the frozen `TrainConfig`, the distributed setup, `evaluate` (whole padded
-validation images, IoU/Dice for every head L1..L4 and the ensemble), then `Trainer`, whose
-`run` is the loop.
+Reads top to bottom: the stop reasons and the epoch's running loss, the distributed setup,
+`evaluate` (whole padded validation images, IoU/Dice for every head L1..L4 and the ensemble),
+then `Trainer`, whose `run` is the loop, and `train`. The settings are `TrainConfig`
+(model/config.py); the command line and the spawning of processes are in model/launch.py.
 
 - Epoch: `epoch_crops` random augmented crops (default: as many as it takes to cover the
   training pixels once, rounded up to whole steps); validation and checkpoints follow every
   epoch. `batch_size` is per process; under DDP the epoch's crops are shared by the processes.
-- Stop: after `epochs`, when `time_budget` minutes are spent (keeping room for the final
-  validation), after `stop_at_step` steps, or on Ctrl-C, whichever comes first; every stop
-  writes a valid `last.pt`. The cosine schedule spans the run: its progress is the larger of
-  step / (epochs * steps per epoch) and elapsed / time budget, so it reaches its end when the
-  run does. Runs without a time budget are bitwise reproducible on CPU.
+- Stop (`Stop`): after `epochs`, when `time_budget` minutes are spent (keeping room for the
+  final validation), after `stop_at_step` steps, or on Ctrl-C, whichever comes first; every
+  stop writes a valid `last.pt`. The cosine schedule spans the run: its progress is the larger
+  of step / (epochs * steps per epoch) and elapsed / time budget, so it reaches its end when
+  the run does. Runs without a time budget are bitwise reproducible on CPU.
 - Task: binary, or multi-class when the data names its classes (`classes.json`,
   "synthetic-classes") or `classes` does (core/task.py); IoU/Dice are then per class and their
   mean over the foreground classes.
@@ -21,18 +22,16 @@ validation images, IoU/Dice for every head L1..L4 and the ensemble), then `Train
 
 from __future__ import annotations
 
-import argparse
+import enum
 import json
 import logging
 import math
 import os
-import shlex
 import signal
-import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,127 +44,64 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from unetpp.core.datasets import Sample, data_task, load_split
-from unetpp.core.errors import InvalidInput, UNetPPError
+from unetpp.core.errors import InvalidInput
 from unetpp.core.metrics import ScoreAccumulator
-from unetpp.core.preprocess import MULTIPLE, Preprocessing, crop_to, pad_to_multiple
+from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
 from unetpp.core.task import Task, TaskScores
 from unetpp.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from unetpp.model.data import AUGMENTS, CropDataset
+from unetpp.model.config import DATA_SEED, TrainConfig, check_resume
+from unetpp.model.data import CropDataset
 from unetpp.model.losses import deep_supervision_loss
-from unetpp.model.unetpp import (
-    WIDTHS,
-    Arch,
-    ModelConfig,
-    UNetPlusPlus,
-    average_heads,
-    build_model,
-    default_config,
-)
+from unetpp.model.unetpp import UNetPlusPlus, average_heads, build_model
 
 log = logging.getLogger(__name__)
 
 CHANNELS_LAST = torch.channels_last
-DEFAULT_EPOCHS = 20  # when neither epochs nor a time budget is given
-DATA_SEED = 0  # the data split is fixed; the training seed drives weights and augmentation
-ARCHS = ("unetpp", "unet", "wide_unet")
-# what `--resume` may change; anything else must match the checkpoint's run
-STOPS = {0: None, 1: "time budget", 2: "interrupted"}  # stop codes broadcast by rank 0
-RESUMABLE = {"out", "epochs", "time_budget", "stop_at_step", "device", "workers"}
+
+
+class Stop(enum.Enum):
+    """Why a run stopped; the value is what the log says."""
+
+    EPOCHS = "epochs"
+    TIME_BUDGET = "time budget"
+    STOP_AT_STEP = "stop_at_step"
+    INTERRUPTED = "interrupted"
+
+
+# the stops rank 0 decides for every process, by their index here (0: go on)
+BROADCAST_STOPS = (None, Stop.TIME_BUDGET, Stop.INTERRUPTED)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str  # "synthetic", "synthetic-classes", "hela" or a folder
-    out: str
-    classes: tuple[str, ...] | None = None  # names of labels 1..K-1 (default: the data's)
-    arch: Arch = "unetpp"
-    deep_supervision: bool = True
-    widths: tuple[int, ...] | None = None  # None: the paper's widths for the arch
-    epochs: int | None = None
-    time_budget: float | None = None  # minutes
-    stop_at_step: int | None = None
-    crop: int = 96
-    augment: str = "full"  # or "geometric": crops and symmetries only
-    batch_size: int = 8
-    lr: float = 3e-4
-    seed: int = 0
-    val_dir: str | None = None
-    epoch_crops: int | None = None
-    head_weights: tuple[float, ...] | None = None  # None: equal weights
-    device: str = "auto"
-    workers: int = 0
+class RunningLoss:
+    """The epoch's sums of the training loss and of each head's loss, and the batches summed.
 
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise InvalidInput(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.crop < MULTIPLE or self.crop % MULTIPLE:
-            raise InvalidInput(f"--crop must be a positive multiple of {MULTIPLE}, got {self.crop}")
-        if self.augment not in AUGMENTS:
-            raise InvalidInput(
-                f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"
-            )
-        for name in ("batch_size", "epochs", "stop_at_step", "epoch_crops"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0 or (self.time_budget is not None and self.time_budget <= 0):
-            raise InvalidInput("--lr and --time-budget must be positive")
-        if self.widths is not None and (len(self.widths) != len(WIDTHS) or min(self.widths) < 1):
-            raise InvalidInput(
-                f"--widths needs {len(WIDTHS)} positive channel counts, got {self.widths}"
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InvalidInput(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.head_weights is not None and (
-            len(self.head_weights) != self.model_config().depth
-            or min(self.head_weights) < 0
-            or sum(self.head_weights) <= 0
-        ):
-            raise InvalidInput(
-                f"--head-weights needs {self.model_config().depth} non-negative weights "
-                f"(L1..L4) with a positive sum, got {self.head_weights}"
-            )
+    In `last.pt` it is the list `epoch_sums`: [loss, head L1, ..., head Lk, batches]."""
 
-    @property
-    def epoch_limit(self) -> int | None:
-        return DEFAULT_EPOCHS if self.epochs is None and self.time_budget is None else self.epochs
-
-    def model_config(self, in_channels: int = 1, num_classes: int = 1) -> ModelConfig:
-        overrides: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes}
-        if self.widths is not None:
-            overrides["widths"] = tuple(self.widths)
-        if self.arch == "unetpp":
-            overrides["deep_supervision"] = self.deep_supervision
-        return default_config(self.arch, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def command_line(self) -> str:
-        """The `unetpp train` command that makes this run: the settings that differ from the
-        defaults, as flags."""
-        words = ["unetpp", "train"]
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name not in ("data", "out") and value == f.default:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                words.append(flag if value else f"--no-{flag[2:]}")
-            elif isinstance(value, tuple):
-                words += [flag, ",".join(str(v) for v in value)]
-            else:
-                words += [flag, str(value)]
-        return shlex.join(words)
+    loss: float
+    heads: tuple[float, ...]
+    batches: int = 0
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        for key in ("widths", "head_weights", "classes"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+    def zero(cls, heads: int) -> RunningLoss:
+        return cls(0.0, (0.0,) * heads)
+
+    def add(self, loss: float, heads: list[float]) -> RunningLoss:
+        sums = tuple(s + h for s, h in zip(self.heads, heads, strict=True))
+        return RunningLoss(self.loss + loss, sums, self.batches + 1)
+
+    def means(self, names: list[str]) -> tuple[float, dict[str, float]]:
+        """The mean loss and each named head's mean loss, rounded as metrics.jsonl records them."""
+        batches = max(self.batches, 1)
+        per_head = {n: round(s / batches, 6) for n, s in zip(names, self.heads, strict=True)}
+        return round(self.loss / batches, 6), per_head
+
+    def to_list(self) -> list[float]:
+        return [self.loss, *self.heads, float(self.batches)]
+
+    @classmethod
+    def from_list(cls, sums: list[float]) -> RunningLoss:
+        return cls(sums[0], tuple(sums[1:-1]), int(sums[-1]))
 
 
 # --------------------------------------------------------------------------- distributed
@@ -297,7 +233,36 @@ class Trainer:
         self.out = Path(config.out)
         self.task = resumed.task if resumed else data_task(config.data, config.classes)
         self.train_samples, self.val_samples = self._load_data()
+        self._build_model(resumed)
+        self._build_data()
 
+        # progress; restored from last.pt on resume
+        self.epoch = self.step_in_epoch = self.step = 0
+        self.elapsed = self.last_val_seconds = 0.0
+        self.best_iou, self.best_epoch = -1.0, -1
+        self.epoch_sums = RunningLoss.zero(len(head_names(self.model)))
+        self.latest: dict[str, dict[str, float]] = {}
+        if resumed is not None:
+            self._restore(resumed.training)
+            self.latest = resumed.metrics
+        self.stop_requested = False
+
+    # ---- setup helpers
+
+    def _load_data(self) -> tuple[list[Sample], list[Sample]]:
+        c = self.config
+        if self.ctx.world > 1 and not self.ctx.main:
+            dist.barrier()  # rank 0 fetches and converts (hela) first
+        train = load_split(c.data, "train", task=self.task, seed=DATA_SEED, val_dir=c.val_dir)
+        val = load_split(c.data, "val", task=self.task, seed=DATA_SEED, val_dir=c.val_dir)
+        if self.ctx.world > 1 and self.ctx.main:
+            dist.barrier()
+        log.info("data %s: %d training and %d validation images", c.data, len(train), len(val))
+        return train, val
+
+    def _build_model(self, resumed: Checkpoint | None) -> None:
+        """The model (seeded), its DDP wrapper, the optimizer and the grad scaler."""
+        config, ctx = self.config, self.ctx
         channels = (
             3 if any(s.image.ndim == 3 and s.image.shape[2] >= 3 for s in self.train_samples) else 1
         )
@@ -307,21 +272,23 @@ class Trainer:
         self.preprocessing = resumed.preprocessing if resumed else Preprocessing(channels=channels)
         torch.manual_seed(config.seed)
         # channels-last: several times faster convolutions on CPU (oneDNN), and on CUDA with AMP
-        self.model = build_model(model_config).to(self.ctx.device, memory_format=CHANNELS_LAST)
+        self.model = build_model(model_config).to(ctx.device, memory_format=CHANNELS_LAST)
         if resumed is not None:
             self.model.load_state_dict(resumed.state_dict)
         self.ddp = (
             DistributedDataParallel(
-                self.model,
-                device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
             )
-            if self.ctx.world > 1
+            if ctx.world > 1
             else self.model
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        amp_fp16 = self.ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        amp_fp16 = ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
 
+    def _build_data(self) -> None:
+        """The epoch's crops, their sampler over the processes, and the run's length in steps."""
+        config = self.config
         pixels = sum(s.mask.size for s in self.train_samples)
         per_step = config.batch_size * self.ctx.world
         crops = config.epoch_crops or math.ceil(pixels / config.crop**2)
@@ -342,30 +309,6 @@ class Trainer:
         limit = config.epoch_limit
         self.total_steps = limit * self.steps_per_epoch if limit is not None else None
 
-        # progress; restored from last.pt on resume
-        self.epoch = self.step_in_epoch = self.step = 0
-        self.elapsed = self.last_val_seconds = 0.0
-        self.best_iou, self.best_epoch = -1.0, -1
-        self.epoch_sums = [0.0] * (len(head_names(self.model)) + 2)  # loss, heads..., batches
-        self.latest: dict[str, dict[str, float]] = {}
-        if resumed is not None:
-            self._restore(resumed.training)
-            self.latest = resumed.metrics
-        self.stop_requested = False
-
-    # ---- setup helpers
-
-    def _load_data(self) -> tuple[list[Sample], list[Sample]]:
-        c = self.config
-        if self.ctx.world > 1 and not self.ctx.main:
-            dist.barrier()  # rank 0 fetches and converts (hela) first
-        train = load_split(c.data, "train", task=self.task, seed=DATA_SEED, val_dir=c.val_dir)
-        val = load_split(c.data, "val", task=self.task, seed=DATA_SEED, val_dir=c.val_dir)
-        if self.ctx.world > 1 and self.ctx.main:
-            dist.barrier()
-        log.info("data %s: %d training and %d validation images", c.data, len(train), len(val))
-        return train, val
-
     def _restore(self, state: dict[str, Any]) -> None:
         if "optimizer" not in state:
             raise InvalidInput(
@@ -381,7 +324,7 @@ class Trainer:
         )
         self.elapsed, self.last_val_seconds = state["elapsed_s"], state["last_val_s"]
         self.best_iou, self.best_epoch = state["best_iou"], state["best_epoch"]
-        self.epoch_sums = list(state["epoch_sums"])
+        self.epoch_sums = RunningLoss.from_list(state["epoch_sums"])
 
     # ---- the loop
 
@@ -396,7 +339,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         self._clock = time.monotonic() - self.elapsed
         limit = self.config.epoch_limit
-        reason = "epochs" if limit is not None and self.epoch >= limit else None
+        reason = Stop.EPOCHS if limit is not None and self.epoch >= limit else None
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -412,10 +355,31 @@ class Trainer:
             bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        log.info("training stopped (%s) after %d steps, %.0f s", reason, self.step, self.elapsed)
+        log.info(
+            "training stopped (%s) after %d steps, %.0f s", reason.value, self.step, self.elapsed
+        )
         return self.out
 
-    def _epoch(self, bar: tqdm) -> str | None:
+    def _epoch(self, bar: tqdm) -> Stop | None:
+        """The rest of this epoch, its validation and last.pt; why the run stops, if it does."""
+        reason = self._steps(bar)
+        epoch_done = self.step_in_epoch >= self.steps_per_epoch
+        if reason is not Stop.INTERRUPTED:
+            self._validate(partial=not epoch_done)
+        if epoch_done:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_sums = RunningLoss.zero(len(self.epoch_sums.heads))
+            limit = self.config.epoch_limit
+            if limit is not None and self.epoch >= limit:
+                reason = reason or Stop.EPOCHS
+        if reason is None:  # the budget may run out during the validation
+            reason = self._sync()[1]
+        self._save_last()
+        return reason
+
+    def _steps(self, bar: tqdm) -> Stop | None:
+        """The epoch's remaining steps; why they stopped before its end, if they did."""
         c = self.config
         self.sampler.set_epoch(self.epoch)
         self.dataset.set_epoch(self.epoch)
@@ -424,45 +388,30 @@ class Trainer:
         loader = DataLoader(
             self.dataset, batch_size=b, sampler=indices, num_workers=c.workers, drop_last=True
         )
-        reason = None
         tick = time.monotonic()
         for images, masks in loader:
             progress, stop = self._sync()
-            if stop:
-                reason = STOPS[int(stop)]
-                break
+            if stop is not None:
+                return stop
             lr = c.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(self.ctx.device, memory_format=CHANNELS_LAST)
-            losses = self._train_step(images, masks.to(self.ctx.device))
+            loss, per_head = self._train_step(images, masks.to(self.ctx.device))
             self.step += 1
             self.step_in_epoch += 1
-            self.epoch_sums = [s + v for s, v in zip(self.epoch_sums, [*losses, 1.0], strict=True)]
+            self.epoch_sums = self.epoch_sums.add(loss, per_head)
             now = time.monotonic()
             speed = b * self.ctx.world / max(now - tick, 1e-9)
             tick = now
             bar.update()
-            bar.set_postfix_str(self._postfix(losses[0], speed, lr), refresh=False)
+            bar.set_postfix_str(self._postfix(loss, speed, lr), refresh=False)
             if c.stop_at_step is not None and self.step >= c.stop_at_step:
-                reason = "stop_at_step"
-                break
-        epoch_done = self.step_in_epoch >= self.steps_per_epoch
-        if reason != "interrupted":
-            self._validate(partial=not epoch_done)
-        if epoch_done:
-            self.epoch += 1
-            self.step_in_epoch = 0
-            self.epoch_sums = [0.0] * len(self.epoch_sums)
-            if c.epoch_limit is not None and self.epoch >= c.epoch_limit:
-                reason = reason or "epochs"
-        if reason is None:  # the budget may run out during the validation
-            stop = self._sync()[1]
-            reason = STOPS[int(stop)]
-        self._save_last()
-        return reason
+                return Stop.STOP_AT_STEP
+        return None
 
-    def _train_step(self, images: Tensor, masks: Tensor) -> list[float]:
+    def _train_step(self, images: Tensor, masks: Tensor) -> tuple[float, list[float]]:
+        """One optimizer step; the loss and each head's."""
         with _autocast(self.ctx.device):
             out = self.ddp(images)
         heads = out if isinstance(out, list) else [out]
@@ -472,20 +421,20 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return [float(loss.detach()), *(float(h) for h in per_head)]
+        return float(loss.detach()), [float(h) for h in per_head]
 
-    def _sync(self) -> tuple[float, float]:
-        """Schedule progress and the stop code (0 go, 1 time budget, 2 interrupted), from rank 0."""
+    def _sync(self) -> tuple[float, Stop | None]:
+        """Schedule progress and whether to stop (time budget, interrupted), from rank 0."""
         c = self.config
         self.elapsed = time.monotonic() - self._clock
         progress = self.step / self.total_steps if self.total_steps else 0.0
-        stop = 2.0 if self.stop_requested else 0.0
+        stop = Stop.INTERRUPTED if self.stop_requested else None
         if c.time_budget is not None:
             spent = (self.elapsed + self.last_val_seconds) / (60 * c.time_budget)
             progress = max(progress, spent)
-            stop = stop or (1.0 if spent >= 1.0 else 0.0)
-        progress, stop = _from_rank0([progress, stop], self.ctx)
-        return progress, stop
+            stop = stop or (Stop.TIME_BUDGET if spent >= 1.0 else None)
+        progress, code = _from_rank0([progress, float(BROADCAST_STOPS.index(stop))], self.ctx)
+        return progress, BROADCAST_STOPS[int(code)]
 
     def _postfix(self, loss: float, speed: float, lr: float) -> str:
         text = f"loss={loss:.4f} {speed:.1f} img/s lr={lr:.1e}"
@@ -501,8 +450,7 @@ class Trainer:
         self.latest = metrics
         if not self.ctx.main:
             return
-        sums = self.epoch_sums
-        batches = max(sums[-1], 1.0)
+        train_loss, per_head = self.epoch_sums.means(head_names(self.model))
         record = {
             "epoch": self.epoch,
             "step": self.step,
@@ -510,11 +458,8 @@ class Trainer:
             "elapsed_s": round(self.elapsed, 2),
             "val_s": round(self.last_val_seconds, 2),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": round(sums[0] / batches, 6),
-            "train_loss_heads": {
-                name: round(v / batches, 6)
-                for name, v in zip(head_names(self.model), sums[1:-1], strict=True)
-            },
+            "train_loss": train_loss,
+            "train_loss_heads": per_head,
             "val": metrics,
         }
         with open(self.out / "metrics.jsonl", "a") as fh:
@@ -544,7 +489,7 @@ class Trainer:
             "last_val_s": self.last_val_seconds,
             "best_iou": self.best_iou,
             "best_epoch": self.best_epoch,
-            "epoch_sums": self.epoch_sums,
+            "epoch_sums": self.epoch_sums.to_list(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -583,25 +528,13 @@ class Trainer:
         self.stop_requested = True
 
 
-def check_resume(resumed: Checkpoint, config: TrainConfig, path: str | Path) -> None:
-    """Refuse to resume with settings that would make a different run."""
-    stored = TrainConfig.from_dict(resumed.train_args)
-    for f in fields(TrainConfig):
-        new, old = getattr(config, f.name), getattr(stored, f.name)
-        if f.name not in RESUMABLE and new != old:
-            raise InvalidInput(
-                f"{path}: --{f.name.replace('_', '-')} {new} differs from the checkpoint's {old}; "
-                f"only {', '.join(sorted(RESUMABLE))} may change on --resume"
-            )
-
-
 def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train in this process (or as one rank of a torchrun job); returns the output folder.
     `resume`: a last.pt to continue exactly; `config` must match its run (see RESUMABLE)."""
     resumed = None
     if resume is not None:
         resumed = load_checkpoint(resume)
-        check_resume(resumed, config, resume)
+        check_resume(resumed.train_args, config, resume)
     trainer = Trainer(config, resumed)
     try:
         out = trainer.run()
@@ -612,79 +545,6 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     finally:
         if trainer.ctx.world > 1:
             dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The flags given (argparse leaves the others None) over the defaults, or, with --resume,
-    over the checkpoint's run (whose --stop-at-step does not carry over)."""
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.resume:
-        stored = TrainConfig.from_dict(load_checkpoint(args.resume).train_args)
-        return replace(stored, **{"stop_at_step": None, **given})
-    if "data" not in given:
-        raise InvalidInput(
-            "--data is required (synthetic, hela or a folder) unless --resume is given"
-        )
-    return TrainConfig(**given)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(rank: int, world: int, port: int, config: TrainConfig, resume: str | None) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
-    )
-    train(config, resume)
-
-
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if args.resume:
-            check_resume(load_checkpoint(args.resume), config, args.resume)
-        task = data_task(config.data, config.classes)
-        for split in ("train", "val"):  # data errors as one line here, not in every process
-            load_split(config.data, split, task=task, seed=DATA_SEED, val_dir=config.val_dir)
-        try:
-            torch.multiprocessing.spawn(
-                _spawned, (args.nproc, _free_port(), config, args.resume), nprocs=args.nproc
-            )
-        except (
-            torch.multiprocessing.ProcessRaisedException,
-            torch.multiprocessing.ProcessExitedException,
-        ) as exc:
-            raise UNetPPError(
-                f"a training process failed: {str(exc).strip().splitlines()[-1]}"
-            ) from exc
-    else:
-        train(config, args.resume)
-    out = Path(config.out)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    if not (out / "best.pt").is_file():  # stopped before the first validation
-        print(f"no validation yet; continue with --resume {out / 'last.pt'}")
-        return 0
-    best = load_checkpoint(out / "best.pt")
-    print(f"best validation (epoch {best.training['epoch']}, step {best.training['step']}):")
-    print(format_table(best.metrics))
-    print(f"wrote {out}/best.pt, last.pt, metrics.jsonl")
-    return 0
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m unetpp.model.train --data ... --out ...

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from unetpp.core.preprocess import check_size
 
 Arch = Literal["unetpp", "unet", "wide_unet"]
+ARCHS: tuple[Arch, ...] = get_args(Arch)
 Upsample = Literal["transpose", "bilinear"]
 
 WIDTHS = (32, 64, 128, 256, 512)
@@ -282,7 +283,7 @@ def build_model(config: ModelConfig) -> UNetPlusPlus | UNet:
         return UNet(
             config.in_channels, config.num_classes, config.widths, config.upsample, config.arch
         )
-    raise ValueError(f"unknown arch {config.arch!r}; choose unetpp, unet or wide_unet")
+    raise ValueError(f"unknown arch {config.arch!r}; choose one of {', '.join(ARCHS)}")
 
 
 def default_config(arch: Arch = "unetpp", **overrides: Any) -> ModelConfig:

@@ -65,14 +65,26 @@ def _numbers(kind: type) -> Callable[[str], tuple]:
     return parse
 
 
+class _TrainDefaults(argparse.HelpFormatter):
+    """Shows each flag's default as `TrainConfig` states it; imported only when the help is
+    printed, so that building the parser imports no torch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        from unetpp.model.config import shown_default
+
+        shown = shown_default(action.dest)
+        return action.help if shown is None else f"{action.help} ({shown.replace('%', '%%')})"
+
+
 @command(
     "train",
-    "unetpp.model.train:main",
+    "unetpp.model.launch:main",
     "train UNet++ (or a U-Net baseline) with deep supervision and per-level validation",
 )
 def _train(p: argparse.ArgumentParser) -> None:
-    # Defaults live in unetpp.model.train.TrainConfig (shown here); flags left out stay None so
-    # that --resume can tell them from the checkpoint's own settings.
+    # The defaults are TrainConfig's (the help shows them); flags left out stay None so that
+    # --resume can tell them from the checkpoint's own settings. TrainConfig checks the values.
+    p.formatter_class = _TrainDefaults
     _data_arguments(p, "--data", required=False)
     p.add_argument(
         "--out", required=True, metavar="DIR", help="writes best.pt, last.pt, metrics.jsonl"
@@ -81,10 +93,9 @@ def _train(p: argparse.ArgumentParser) -> None:
         "--classes",
         type=lambda text: tuple(text.split(",")),
         metavar="A,B,...",
-        help="names of mask labels 1..K-1: several make a multi-class model "
-        "(default: the data's classes.json, else binary)",
+        help="names of mask labels 1..K-1: several make a multi-class model",
     )
-    p.add_argument("--arch", choices=("unetpp", "unet", "wide_unet"), help="(default unetpp)")
+    p.add_argument("--arch", help="the network")
     p.add_argument(
         "--no-deep-supervision",
         dest="deep_supervision",
@@ -92,31 +103,26 @@ def _train(p: argparse.ArgumentParser) -> None:
         const=False,
         help="train only the deepest head (UNet++)",
     )
-    p.add_argument(
-        "--widths", type=_numbers(int), help="five channel counts (default 32,64,128,256,512)"
-    )
-    p.add_argument("--epochs", type=int, help="(default 20 when no --time-budget either)")
+    p.add_argument("--widths", type=_numbers(int), help="five channel counts, i = 0..4")
+    p.add_argument("--epochs", type=int, help="epochs to run")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop when spent")
     p.add_argument("--stop-at-step", type=int, help="pause after this step; continue with --resume")
-    p.add_argument("--crop", type=int, help="training crop side, a multiple of 16 (default 96)")
+    p.add_argument("--crop", type=int, help="training crop side, a multiple of 16")
     p.add_argument(
         "--augment",
-        choices=("full", "geometric"),
-        help="full: zoom, intensity and noise jitter too (default); geometric: crops, flips, turns",
+        help="full: zoom, intensity and noise jitter too; geometric: crops, flips, turns",
     )
-    p.add_argument("--batch-size", type=int, help="crops per step and process (default 8)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4), cosine-annealed")
-    p.add_argument("--seed", type=int, help="weights and augmentation (default 0)")
-    p.add_argument(
-        "--epoch-crops", type=int, help="crops per epoch (default: cover the training pixels once)"
-    )
-    p.add_argument(
-        "--head-weights", type=_numbers(float), help="loss weights of L1..L4 (default equal)"
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(default auto)")
-    p.add_argument("--workers", type=int, help="data loader processes (default 0)")
+    p.add_argument("--batch-size", type=int, help="crops per step and process")
+    p.add_argument("--lr", type=float, help="Adam learning rate, cosine-annealed")
+    p.add_argument("--seed", type=int, help="weights and augmentation")
+    p.add_argument("--epoch-crops", type=int, help="crops per epoch")
+    p.add_argument("--head-weights", type=_numbers(float), help="loss weights of L1..L4")
+    p.add_argument("--device", help="where to train")
+    p.add_argument("--workers", type=int, help="data loader processes")
     p.add_argument("--resume", metavar="CKPT", help="a last.pt to continue exactly")
-    p.add_argument("--nproc", type=int, default=1, help="DDP processes on this machine (default 1)")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="DDP processes on this machine (default %(default)s)"
+    )
 
 
 @command(

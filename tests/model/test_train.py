@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ from unetpp.core.datasets import load_split
 from unetpp.core.errors import InvalidInput
 from unetpp.core.preprocess import Preprocessing
 from unetpp.model.checkpoint import load_checkpoint
-from unetpp.model.train import TrainConfig, config_from_args, evaluate, train
+from unetpp.model.config import DEFAULT_EPOCHS, TrainConfig
+from unetpp.model.launch import config_from_args
+from unetpp.model.train import evaluate, train
+from unetpp.model.unetpp import WIDTHS
 
 TINY = (4, 8, 16, 32, 64)
 LEVELS = ["L1", "L2", "L3", "L4", "ensemble"]
@@ -240,3 +244,32 @@ def test_command_line_makes_the_same_run(config):
     words = shlex.split(config.command_line())
     assert words[:2] == ["unetpp", "train"]
     assert config_from_args(build_parser().parse_args(words[1:])) == config
+
+
+def help_entries(capsys, monkeypatch) -> dict[str, str]:
+    """`unetpp train --help`: each flag's help, on one line."""
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens too
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", options) if e.strip()]
+    return {e.split()[0].rstrip(","): e for e in entries}
+
+
+def test_help_shows_the_training_config_defaults(capsys, monkeypatch):
+    entries = help_entries(capsys, monkeypatch)
+    for f in fields(TrainConfig):
+        flag = "--" + ("no-" if f.default is True else "") + f.name.replace("_", "-")
+        assert flag in entries, flag
+        if f.default in (MISSING, None) or isinstance(f.default, bool):
+            continue
+        (shown,) = re.findall(r"default ([^;)]+)\)", entries[flag])
+        assert type(f.default)(shown) == f.default, (flag, shown)
+    assert f"default: {DEFAULT_EPOCHS} when there is no --time-budget" in entries["--epochs"]
+    assert ",".join(map(str, WIDTHS)) in entries["--widths"]
+    # argparse holds no second copy: every flag left out is None, then TrainConfig's default
+    args = build_parser().parse_args(["train", "--out", "o"])
+    assert all(getattr(args, f.name) is None for f in fields(TrainConfig) if f.name != "out")
+    assert config_from_args(build_parser().parse_args(["train", "--data", "x", "--out", "o"])) == (
+        TrainConfig("x", "o")
+    )

@@ -17,7 +17,8 @@ from PIL import Image
 from unetpp.core.datasets import SYNTHETIC_CLASSES, load_split
 from unetpp.core.task import Task
 from unetpp.model.checkpoint import load_checkpoint
-from unetpp.model.train import TrainConfig, evaluate, format_table, train
+from unetpp.model.config import TrainConfig
+from unetpp.model.train import evaluate, format_table, train
 
 TINY = (4, 8, 16, 32, 64)
 
