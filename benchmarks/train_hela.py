@@ -31,8 +31,9 @@ from pathlib import Path
 from benchmarks.common import ROOT, machine, place, save, shown, unetpp
 from unetpp.core.datasets import load_split
 from unetpp.model.checkpoint import load_checkpoint
+from unetpp.model.config import TrainConfig
 from unetpp.model.data import AUGMENTS
-from unetpp.model.train import TrainConfig, evaluate, format_table
+from unetpp.model.train import evaluate, format_table
 
 
 def run_training(config: TrainConfig) -> dict:
