@@ -52,7 +52,7 @@ from unetpp.export.graphs import (
     export_graph,
     initializer_parameters,
 )
-from unetpp.export.quantize import convert_fp16, quantize_int8
+from unetpp.export.quantize import INT8_MARGIN, convert_fp16, quantize_int8
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.summary import gflops
 from unetpp.model.unetpp import UNetPlusPlus, count_parameters
@@ -67,7 +67,7 @@ EXPORTER = "torch.onnx.export (TorchScript exporter), torch 2.13"
 class ExportOptions:
     opset: int = DEFAULT_OPSET
     int8: bool = True
-    int8_margin: float = 0.01  # an int8 variant losing more IoU than this is left out
+    int8_margin: float = INT8_MARGIN
     fp16: bool = False
     # "auto": the ensemble becomes a second output of the deepest graph when it measures better
     # than every single level on the validation set; "always"/"never" force the choice.
@@ -455,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
     options = ExportOptions(
         opset=args.opset,
         int8=args.int8,
-        int8_margin=args.int8_margin / 100.0,
+        int8_margin=INT8_MARGIN if args.int8_margin is None else args.int8_margin,
         fp16=args.fp16,
         ensemble=args.ensemble,
         threshold=args.threshold,

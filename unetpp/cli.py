@@ -53,6 +53,13 @@ def _data_arguments(p: argparse.ArgumentParser, flag: str, required: bool) -> No
     p.add_argument("--val-dir", help="a folder source's separate validation folder")
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction in [0, 1) (0.01 is one point), got {text}")
+    return value
+
+
 def _numbers(kind: type) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         try:
@@ -138,9 +145,10 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8 variants")
     p.add_argument(
         "--int8-margin",
-        type=float,
-        default=1.0,
-        help="leave out an int8 variant losing more IoU points than this (default 1.0)",
+        type=_fraction,
+        metavar="IOU",
+        help="leave out an int8 variant losing more IoU than this, as a fraction: 0.01 is "
+        "one point (default: INT8_MARGIN in unetpp.export.quantize)",
     )
     p.add_argument("--calib-images", type=int, default=8, help="training images for int8")
     p.add_argument("--fp16", action="store_true", help="also write fp16 variants (for GPUs)")

@@ -100,3 +100,12 @@ def test_user_mistakes_are_one_line_errors(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_int8_margin_is_a_fraction_of_iou(capsys) -> None:
+    # the unit of the manifest's margin_iou and of ExportOptions: 1 would keep every variant
+    with pytest.raises(SystemExit):
+        main(["export", "best.pt", "--out", "models", "--int8-margin", "1"])
+    assert (
+        "--int8-margin: a fraction in [0, 1) (0.01 is one point), got 1" in capsys.readouterr().err
+    )
