@@ -1,83 +1,113 @@
 """onnxruntime against OpenVINO (core/backends.py) on every graph of a model repository, at
 256 and 512, batch 1 and 8: fp32 and int8 on both, bf16 on OpenVINO, with mask agreement.
 
-    .venv/bin/python -m benchmarks.backends --models DIR [--repeats 5] [--shapes 256x1,512x1]
+    .venv/bin/python -m benchmarks.backends --models DIR [--data hela] [--repeats 3]
     .venv/bin/python -m benchmarks.backends --models DIR --quick   # 256, batch 1, 2 repeats
 
-Per (size, batch, level) the variants are opened together and timed interleaved (round-robin,
-rotating order, 50 ms pause before each run so that one runtime's spinning threads do not slow
-the other), median of the repeats; each session on every core (the runtimes' defaults), the
-onnxruntime arena on. Ratios are against onnxruntime fp32 of the same graph, size and batch.
-Agreement: the fraction of mask pixels (logit > the manifest's threshold) equal to onnxruntime
-fp32's, on synthetic nuclei images preprocessed by the manifest's recipe; and the same at the
-median of onnxruntime fp32's logits as the cut (half the pixels on each side: sensitive to
-precision even for a model whose masks are nearly empty). The load average is recorded beside
-every row: the machine is shared.
+Per (size, batch, level) the variants are timed in rounds, the order rotating each round; in
+a round each variant is opened alone (the others closed: five sessions holding the memory of
+8 x 512x512 at once were OOM-killed at 10 GB), run once to warm up and once timed, after a
+50 ms pause (so that one runtime's spinning threads do not slow the other), then closed.
+Median of the rounds; each session on every core (the runtimes' defaults), the onnxruntime
+arena on, as the server opens them (a bf16 entry: the fp32 file opened by OpenVINO in bf16;
+fp32 and int8 on OpenVINO keep their float layers in f32). Ratios are against onnxruntime
+fp32 of the same graph, size and batch. Agreement: the fraction of mask pixels (logit > the
+manifest's threshold) equal to onnxruntime fp32's, on `--data` images (validation frames,
+cropped at seeded offsets, or synthetic nuclei) preprocessed by the manifest's recipe; and the
+same at the median of onnxruntime fp32's logits as the cut (half the pixels on each side:
+sensitive to precision even for a model whose masks are nearly empty). The load average is
+recorded beside every row: the machine is shared. The manifest's export-time figures (IoU on
+its validation data, latency at 256) are copied beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Study, interleaved_ms, load_average, summary_ms
+from benchmarks.common import Study, load_average, summary_ms
 
 SETTLE_S = 0.05
 REFERENCE = ("onnxruntime", "fp32")
 
 
-def inputs(models: Path, size: int, batch: int) -> np.ndarray:
-    """`batch` synthetic images, preprocessed, size x size."""
-    from unetpp.core.datasets import synthetic_image
+def inputs(models: Path, size: int, batch: int, data: str) -> np.ndarray:
+    """`batch` preprocessed size x size images: crops of `data`'s validation images at seeded
+    offsets, or synthetic nuclei."""
+    from unetpp.core.datasets import load_split, synthetic_image
     from unetpp.core.manifest import load_repository
 
     prep = load_repository(models).preprocessing
     rng = np.random.default_rng(size)
-    return np.stack([prep(synthetic_image(rng, size)[0]) for _ in range(batch)])
+    if data == "synthetic":
+        return np.stack([prep(synthetic_image(rng, size)[0]) for _ in range(batch)])
+    frames = [s.image for s in load_split(data, "val")]
+    crops = []
+    for k in range(batch):
+        image = frames[k % len(frames)]
+        top = int(rng.integers(0, image.shape[0] - size + 1))
+        left = int(rng.integers(0, image.shape[1] - size + 1))
+        crops.append(prep(image[top : top + size, left : left + size]))
+    return np.stack(crops)
 
 
-def variants(models: Path, level: int) -> dict[tuple[str, str], Any]:
-    """The sessions of one level: (backend, precision) -> session, for the files present."""
-    from unetpp.core.backends import OnnxRuntime, OpenVINO
-
-    fp32, int8 = models / f"L{level}.onnx", models / f"L{level}.int8.onnx"
-    opened = {
-        ("onnxruntime", "fp32"): OnnxRuntime().open(fp32),
-        ("openvino", "fp32"): OpenVINO("f32").open(fp32),
-        ("openvino", "bf16"): OpenVINO("bf16").open(fp32),
-    }
-    if int8.exists():
-        opened[("onnxruntime", "int8")] = OnnxRuntime().open(int8)
-        opened[("openvino", "int8")] = OpenVINO().open(int8)
-    return opened
+def variants(models: Path, level: int) -> list[tuple[str, str]]:
+    """(backend, precision) of one level, for the files present."""
+    keys = [REFERENCE, ("openvino", "fp32"), ("openvino", "bf16")]
+    if (models / f"L{level}.int8.onnx").exists():
+        keys += [("onnxruntime", "int8"), ("openvino", "int8")]
+    return keys
 
 
-def measure(models: Path, level: int, size: int, batch: int, repeats: int) -> list[dict]:
+def open_variant(models: Path, level: int, key: tuple[str, str]) -> Any:
+    from unetpp.core.backends import backend
+
+    name, precision = key
+    file = f"L{level}.int8.onnx" if precision == "int8" else f"L{level}.onnx"
+    return backend(name).open(models / file, None, precision)
+
+
+def rounds(
+    models: Path, level: int, x: np.ndarray, repeats: int
+) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], np.ndarray]]:
+    """Each variant's timings (ms) and its logits of the first round."""
+    keys = variants(models, level)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    logits: dict[tuple[str, str], np.ndarray] = {}
+    for r in range(repeats):
+        k = r % len(keys)
+        for key in keys[k:] + keys[:k]:
+            session = open_variant(models, level, key)
+            logits.setdefault(key, session.run(x, "logits"))  # the warm-up
+            time.sleep(SETTLE_S)
+            start = time.perf_counter()
+            session.run(x, "logits")
+            times[key].append(1000.0 * (time.perf_counter() - start))
+            del session
+            gc.collect()
+    return times, logits
+
+
+def measure(models: Path, level: int, size: int, batch: int, repeats: int, data: str) -> list:
     from unetpp.core.manifest import load_repository
     from unetpp.core.task import logit_threshold
 
     cut = logit_threshold(load_repository(models).threshold)
-    x = inputs(models, size, batch)
-    sessions = variants(models, level)
-    logits = {key: s.run(x, "logits") for key, s in sessions.items()}
+    x = inputs(models, size, batch, data)
+    load = load_average()
+    times, logits = rounds(models, level, x, repeats)
     median = float(np.median(logits[REFERENCE]))  # half the reference's pixels on each side
     masks = {key: out > cut for key, out in logits.items()}
     halves = {key: out > median for key, out in logits.items()}
-    names = {f"{b} {p}": (b, p) for b, p in sessions}
-    load = load_average()
-    times = interleaved_ms(
-        {n: (lambda s=sessions[k]: s.run(x, "logits")) for n, k in names.items()},
-        repeats,
-        settle_s=SETTLE_S,
-    )
-    base = float(np.median(times[f"{REFERENCE[0]} {REFERENCE[1]}"]))
+    base = float(np.median(times[REFERENCE]))
     rows = []
-    for name, key in names.items():
-        ms = summary_ms(times[name])
+    for key, t in times.items():
+        ms = summary_ms(t)
         rows.append(
             {
                 "graph": f"L{level}",
@@ -95,22 +125,38 @@ def measure(models: Path, level: int, size: int, batch: int, repeats: int) -> li
             }
         )
         print(
-            f"L{level} {size} b{batch} {name:>16}: {ms['median']:9.1f} ms  "
+            f"L{level} {size} b{batch} {key[0]:>11} {key[1]}: {ms['median']:9.1f} ms  "
             f"x{base / ms['median']:.2f}  agree {rows[-1]['mask_agreement']:.5f}  load {load}",
             flush=True,
         )
-    del sessions
-    gc.collect()
     return rows
+
+
+def exported(models: Path) -> list[dict[str, Any]]:
+    """The manifest's figures per graph: IoU on its validation data, latency at export."""
+    from unetpp.core.manifest import load_repository
+
+    return [
+        {
+            "graph": g.name,
+            "precision": g.precision,
+            "backend": g.backend or "onnxruntime",
+            "iou": g.accuracy.iou if g.accuracy else None,
+            "data": g.accuracy.data if g.accuracy else None,
+            "latency_ms": g.latency_ms,
+        }
+        for g in load_repository(models).graphs
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, required=True, help="a model repository")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data", default="synthetic", help="hela, synthetic or a folder")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", default="1,2,3,4")
     parser.add_argument(
-        "--shapes", default="256x1,256x8,512x1,512x8", help="SIZExBATCH, comma-separated"
+        "--shapes", default="256x1,512x1,256x8,512x8", help="SIZExBATCH, comma-separated"
     )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -120,12 +166,18 @@ def main() -> None:
     study = Study("backends", args.quick)
     import openvino
 
+    models = args.models.resolve()
     rows: list[dict] = []
     for size, batch in shapes:  # saved after each shape: a long run keeps what it measured
         for level in map(int, args.levels.split(",")):
-            rows += measure(args.models.resolve(), level, size, batch, repeats)
+            rows += measure(models, level, size, batch, repeats, args.data)
         study.save(
-            models=str(args.models), openvino=openvino.__version__, settle_s=SETTLE_S, rows=rows
+            models=str(args.models),
+            data=args.data,
+            openvino=openvino.__version__,
+            settle_s=SETTLE_S,
+            exported=exported(models),
+            rows=rows,
         )
 
 

@@ -1,28 +1,33 @@
 """The runtimes that run an exported graph, behind one interface (`UNETPP_BACKEND`).
 
 - `onnxruntime` (the default): core/inference.py's session and `run_batch`.
-- `openvino` (the `openvino` extra): OpenVINO reads the same ONNX files. Its CPU plugin runs
-  in bf16 where the CPU has AVX512-BF16 or AMX (its default there) unless `precision="f32"`;
-  int8 (QDQ) graphs run in int8 either way. benchmarks/backends.py measures both runtimes per
-  graph and precision, with mask agreement (docs/big-images.md#backends).
+- `openvino` (the `openvino` extra): OpenVINO reads the same ONNX files. Its CPU plugin
+  computes in bf16 where the CPU has AVX512-BF16 or AMX: a manifest's bf16 entries are the
+  fp32 files opened that way; fp32 and int8 (QDQ) entries keep their float layers in f32.
+  benchmarks/backends.py measures both runtimes per graph and precision, with mask agreement
+  (docs/big-images.md#backends).
 
-A backend opens a graph file into a session whose `run(batch, output)` has the signature of
-`run_batch(session, batch, output)`: float32 [N, C, H, W] -> logits [N, K, H, W].
+A backend opens a graph file, at the precision of its manifest entry, into a session whose
+`run(batch, output)` maps float32 [N, C, H, W] to logits [N, K, H, W].
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.inference import INPUT_NAME, create_session, run_batch
+from unetpp.core.manifest import BACKENDS
 
-BACKENDS = ("onnxruntime", "openvino")
+OPENVINO_MISSING = (
+    "UNETPP_BACKEND=openvino needs the openvino package: pip install 'unetpp[openvino]'"
+)
 
 
 class Session(Protocol):
@@ -32,24 +37,38 @@ class Session(Protocol):
 class Backend(Protocol):
     name: str
 
-    def open(self, path: str | Path, threads: int | None = None) -> Session: ...
+    def open(
+        self, path: str | Path, threads: int | None = None, precision: str = "fp32"
+    ) -> Session: ...
 
 
 @dataclass(frozen=True)
 class OrtSession:
     session: Any  # onnxruntime.InferenceSession
+    options: Any = None  # onnxruntime.RunOptions (the arena's shrinkage), or None
 
     def run(self, batch: np.ndarray, output: str) -> np.ndarray:
-        return run_batch(self.session, batch, output)
+        return run_batch(self.session, batch, output, self.options)
 
 
 @dataclass(frozen=True)
 class OnnxRuntime:
+    """`precision` is the manifest entry's: the file itself says fp32, int8 or fp16."""
+
     name: str = field(default="onnxruntime", init=False)
     memory_arena: bool = True
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    run_options: Any = None  # onnxruntime.RunOptions passed to every run
 
-    def open(self, path: str | Path, threads: int | None = None) -> OrtSession:
-        return OrtSession(create_session(path, threads=threads, memory_arena=self.memory_arena))
+    def open(
+        self, path: str | Path, threads: int | None = None, precision: str = "fp32"
+    ) -> OrtSession:
+        if precision == "bf16":
+            raise InvalidInput("onnxruntime has no bf16 execution on the CPU: use openvino")
+        session = create_session(
+            path, threads=threads, providers=self.providers, memory_arena=self.memory_arena
+        )
+        return OrtSession(session, self.run_options)
 
 
 @dataclass
@@ -67,21 +86,26 @@ class OvSession:
         return request.get_tensor(output).data.copy()
 
 
+# the manifest's precision -> OpenVINO's inference precision (int8: the layers left in float)
+_HINTS = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+
+
 @dataclass(frozen=True)
 class OpenVINO:
-    name: str = field(default="openvino", init=False)
-    precision: Literal["auto", "f32", "bf16"] = "auto"  # auto: the plugin's default
+    """`precision` "bf16" runs an fp32 file in bf16, "fp32"/"int8" keep float layers in f32,
+    "auto" takes the plugin's default (bf16 on a CPU that has it)."""
 
-    def open(self, path: str | Path, threads: int | None = None) -> OvSession:
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise InvalidInput(
-                "UNETPP_BACKEND=openvino needs the openvino package: pip install 'unetpp[openvino]'"
-            ) from exc
+    name: str = field(default="openvino", init=False)
+
+    def open(
+        self, path: str | Path, threads: int | None = None, precision: str = "fp32"
+    ) -> OvSession:
+        ov = _openvino()
         config: dict[str, Any] = {}
-        if self.precision != "auto":
-            config["INFERENCE_PRECISION_HINT"] = self.precision
+        if precision != "auto":
+            if precision not in _HINTS:
+                raise InvalidInput(f"OpenVINO runs fp32, int8 or bf16 graphs, not {precision}")
+            config["INFERENCE_PRECISION_HINT"] = _HINTS[precision]
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
@@ -91,8 +115,36 @@ class OpenVINO:
             raise ModelRepositoryError(f"{path}: OpenVINO cannot load it ({exc})") from exc
 
 
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise InvalidInput(OPENVINO_MISSING) from exc
+    return openvino
+
+
+def unavailable(name: str) -> str | None:
+    """Why the backend cannot run here, or None."""
+    if name == "openvino":
+        try:
+            _openvino()
+        except InvalidInput as exc:
+            return exc.detail
+    return None
+
+
+@functools.cache
+def bf16_runs() -> bool:
+    """Whether OpenVINO is here and this CPU computes in bf16 (AVX512-BF16 or AMX); elsewhere
+    OpenVINO would run a bf16 entry in f32 and its measured figures would not hold."""
+    if unavailable("openvino"):
+        return False
+    return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def backend(name: str, **options: Any) -> Backend:
-    """The backend `UNETPP_BACKEND` names, with its options (memory_arena, precision)."""
+    """The backend `UNETPP_BACKEND` names, with its options (onnxruntime: memory_arena,
+    providers, run_options)."""
     if name == "onnxruntime":
         return OnnxRuntime(**options)
     if name == "openvino":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,17 +114,17 @@ class Evaluation:
 
 
 def evaluate_session(
-    session: ort.InferenceSession,
+    run: Callable[[np.ndarray], np.ndarray],
     samples: Iterable[Sample],
     preprocessing: Preprocessing,
     task: Task,
-    output: str = "logits",
 ) -> Evaluation:
     """IoU/Dice of the task's decision over whole images (core/task.py: micro-averaged per
     class, then the mean over foreground classes); for a binary task, also the scores of the
     objects `instances.split` finds on the samples that carry instance labels.
 
-    Time is onnxruntime's alone (pre- and post-processing excluded), batch 1."""
+    `run` maps a batch to one graph output's logits (any backend's session). Time is the
+    runtime's alone (pre- and post-processing excluded), batch 1."""
     scores = task.scores()
     objects = ObjectAccumulator()
     seconds = 0.0
@@ -132,7 +132,7 @@ def evaluate_session(
         task.check_labels(sample.mask, sample.name)
         chw, size = network_input(sample.image, preprocessing)
         start = time.perf_counter()
-        logits = run_batch(session, chw[None], output)
+        logits = run(chw[None])
         seconds += time.perf_counter() - start
         labels = task.labels(crop_to(logits[0], size))
         scores.update(labels, sample.mask)
@@ -147,23 +147,22 @@ def evaluate_session(
 
 
 def measure_latency(
-    session: ort.InferenceSession,
+    run: Callable[[np.ndarray], np.ndarray],
     size: int,
     channels: int,
-    output: str = "logits",
     *,
     batch: int = 1,
     repeats: int = 10,
     warmup: int = 2,
-    options: ort.RunOptions | None = None,
 ) -> float:
-    """Median milliseconds of one run on a random size x size input."""
+    """Median milliseconds of `run` (a batch -> its logits: any backend's session and output)
+    on a random size x size input."""
     x = np.random.default_rng(0).random((batch, channels, size, size), dtype=np.float32)
     for _ in range(warmup):
-        run_batch(session, x, output, options)
+        run(x)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run_batch(session, x, output, options)
+        run(x)
         times.append(time.perf_counter() - start)
     return 1000.0 * float(np.median(times))

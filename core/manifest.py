@@ -12,6 +12,8 @@ Two entries may share a file (the ensemble is a second output of the L4 graph). 
 documented in docs/model-repository.md; `SCHEMA_VERSION` changes on any incompatible change and a
 reader refuses a manifest newer than it knows. Schema 1 had `num_classes` and `threshold` where
 schema 2 has `task` (core/task.py); a schema-1 manifest reads as a binary task at its threshold.
+Schema 3 adds a graph's `backend` (the one runtime that serves it: the bf16 entries, which
+OpenVINO runs from the fp32 files); a schema-2 manifest reads as graphs that any backend serves.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.preprocess import Preprocessing
 from unetpp.core.task import Task
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "model.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+BACKENDS = ("onnxruntime", "openvino")  # the runtimes that can run a graph (core/backends.py)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Graph:
     validated: bool = True  # False: written but not checked on this machine (fp16 without GPU)
     note: str = ""
     instances: ObjectScores | None = None  # binary models on data with instance labels
+    backend: str | None = None  # the only backend that can serve it (bf16: "openvino"); None: any
 
     def __post_init__(self) -> None:
         if not 1 <= self.level <= 4:
@@ -102,6 +106,11 @@ class Graph:
                 f"graph {self.name}: file must be a plain name, got {self.file!r}"
             )
         where = f"graph {self.name}:"
+        _require(self.backend is None or self.backend in BACKENDS, f"{where} backend")
+        _require(  # onnxruntime would run the fp32 file in fp32
+            self.precision != "bf16" or self.backend == "openvino",
+            f"{where} a bf16 graph needs backend openvino",
+        )
         _require(_SHA256.fullmatch(str(self.sha256)) is not None, f"{where} sha256 {self.sha256!r}")
         _require(isinstance(self.output, str) and bool(self.output), f"{where} output")
         _require(_integer(self.parameters) and self.parameters > 0, f"{where} parameters")

@@ -137,7 +137,9 @@ class LocalModel:
         self.directory = directory
         self.manifest = manifest
         self.sessions = sessions
-        self.graphs = {g.name: g for g in manifest.graphs if g.file in sessions}
+        self.graphs = {  # not the bf16 entries: they need the openvino backend (the server's)
+            g.name: g for g in manifest.graphs if g.file in sessions and g.backend is None
+        }
         self.tiles = tiles
         self.default_mode = default_mode
         self.fast_tolerance = fast_tolerance

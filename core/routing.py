@@ -4,10 +4,10 @@ Pure functions over `Candidate`s (a graph's, or the adaptive cascade's, measured
 predicted latency for this request's pixels); the service fills them in. docs/routing.md shows
 every rule with examples.
 
-- precision: `fp32` or `int8` keeps only candidates of that precision; `auto` keeps all.
+- precision: `fp32`, `int8` or `bf16` keeps only candidates of that precision; `auto` keeps all.
 - `graph=name`: that graph (a /v2 model version names one).
 - `level=k`: the graph of pruning depth k; among several, the plain head (output "logits")
-  before the ensemble, fp32 before int8.
+  before the ensemble, fp32 before int8 and bf16.
 - The modes are chained, so that they keep their order by construction (fast is never
   predicted slower than balanced, nor balanced than accurate, and accuracy runs the other way):
   - `mode=accurate`: the best accuracy (ties: the faster).
@@ -37,7 +37,7 @@ from typing import Literal
 from unetpp.core.errors import BadParameter
 
 Mode = Literal["fast", "balanced", "accurate", "adaptive"]
-Precision = Literal["auto", "fp32", "int8"]
+Precision = Literal["auto", "fp32", "int8", "bf16"]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Checkpoint -> model repository: L1..L4 ONNX graphs (+ int8, fp16), verified, and model.json.
+"""Checkpoint -> model repository: L1..L4 ONNX graphs (+ int8, bf16, fp16), verified, and
+model.json.
 
-Every figure in the manifest is measured on the written file with onnxruntime: accuracy on
-the validation samples, latency on this machine. The repository is built in a temporary
+Every figure in the manifest is measured on the written file with the runtime that will serve
+it (onnxruntime; OpenVINO for the bf16 entries): accuracy on the validation samples, latency
+on this machine. The repository is built in a temporary
 folder next to `out_dir` and moved into place at the end, so a reader never sees half of one.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from torch import nn
 
+from unetpp.core.backends import Backend, OnnxRuntime, OpenVINO, bf16_runs
 from unetpp.core.datasets import Sample, load_split
 from unetpp.core.errors import ExportError, InvalidInput
 from unetpp.core.inference import (
@@ -68,6 +71,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     int8: bool = True
     int8_margin: float = INT8_MARGIN
+    # bf16 entries (OpenVINO runs the fp32 files in bf16); None: when OpenVINO computes in bf16
+    # on this machine. A bf16 entry losing more IoU than `int8_margin` is left out too.
+    bf16: bool | None = None
     fp16: bool = False
     # "auto": the ensemble becomes a second output of the deepest graph when it measures better
     # than every single level on the validation set; "always"/"never" force the choice.
@@ -90,6 +96,7 @@ class _Entry:
     file: str
     output: str
     precision: str = "fp32"
+    backend: str | None = None  # the one backend that serves it (bf16: openvino)
     evaluation: Evaluation | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     validated: bool = True
@@ -145,15 +152,20 @@ class _Builder:
             task=self.task,
         )  # fmt: skip
 
-    def measure(self, entry: _Entry, providers: Sequence[str] | None = None) -> None:
-        """Accuracy on the validation samples and latency, measured on the written file."""
-        session = create_session(self.directory / entry.file, providers=providers)
+    def measure(self, entry: _Entry, backend: Backend | None = None) -> None:
+        """Accuracy on the validation samples and latency, measured on the written file with
+        the backend that serves it (default: onnxruntime on the CPU)."""
+        session = (backend or OnnxRuntime()).open(
+            self.directory / entry.file, None, entry.precision
+        )
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run(batch, entry.output)
+
         if self.samples:
-            entry.evaluation = evaluate_session(
-                session, self.samples, self.preprocessing, self.task, entry.output
-            )
+            entry.evaluation = evaluate_session(run, self.samples, self.preprocessing, self.task)
         entry.latency_ms = {
-            str(size): round(measure_latency(session, size, self.in_channels, entry.output), 3)
+            str(size): round(measure_latency(run, size, self.in_channels), 3)
             for size in self.options.latency_sizes
         }
         log.info(
@@ -214,6 +226,9 @@ def export_repository(
         if options.int8:
             calibration = [network_input(s.image, prep)[0] for s in calibration_samples]
             entries += _int8_variants(builder, fp32, calibration, rejected)
+        bf16 = bf16_runs() if options.bf16 is None else options.bf16
+        if bf16:
+            entries += _bf16_variants(builder, fp32, rejected)
         if options.fp16:
             entries += _fp16_variants(builder, fp32)
         modules = {id(e.module): e.module for e in entries}
@@ -244,11 +259,17 @@ def export_repository(
                     "enabled": options.int8,
                     "margin_iou": options.int8_margin,
                     "calibration_images": len(calibration_samples),
-                    "rejected": rejected,
+                    "rejected": [r for r in rejected if r["name"].endswith(".int8")],
+                },
+                "bf16": {
+                    "enabled": bf16,
+                    "margin_iou": options.int8_margin,
+                    "rejected": [r for r in rejected if r["name"].endswith(".bf16")],
                 },
                 "parity": builder.parity,
                 "latency": "median of 10 runs after 2 warm-ups, batch 1, random input, "
-                "default onnxruntime threads, CPU (CUDA for a validated fp16 graph)",
+                "default threads, onnxruntime on the CPU (CUDA for a validated fp16 graph, "
+                "OpenVINO for a bf16 graph)",
             },
         )
         write_manifest(staging, manifest)
@@ -344,23 +365,41 @@ def _int8_variants(
             precision="int8",
         )  # fmt: skip
         builder.measure(variant)
-        loss = _iou(entry) - _iou(variant)
-        if loss > builder.options.int8_margin:
-            log.warning(
-                "%s left out: IoU %.4f vs fp32 %.4f (margin %.4f)",
-                variant.name, _iou(variant), _iou(entry), builder.options.int8_margin,
-            )  # fmt: skip
-            rejected.append(
-                {
-                    "name": variant.name,
-                    "iou": round(_iou(variant), 6),
-                    "fp32_iou": round(_iou(entry), 6),
-                }
-            )
-            continue
-        kept.append(variant)
+        if _kept(builder, entry, variant, rejected):
+            kept.append(variant)
     for target in set(quantized.values()) - {e.file for e in kept}:
         (builder.directory / target).unlink()
+    return kept
+
+
+def _kept(builder: _Builder, fp32: _Entry, variant: _Entry, rejected: list[dict[str, Any]]) -> bool:
+    """Whether the measured variant keeps its fp32 graph's IoU within the margin; if not, it
+    is logged and recorded in `rejected`."""
+    if _iou(fp32) - _iou(variant) <= builder.options.int8_margin:
+        return True
+    log.warning(
+        "%s left out: IoU %.4f vs fp32 %.4f (margin %.4f)",
+        variant.name, _iou(variant), _iou(fp32), builder.options.int8_margin,
+    )  # fmt: skip
+    rejected.append(
+        {"name": variant.name, "iou": round(_iou(variant), 6), "fp32_iou": round(_iou(fp32), 6)}
+    )
+    return False
+
+
+def _bf16_variants(
+    builder: _Builder, fp32: list[_Entry], rejected: list[dict[str, Any]]
+) -> list[_Entry]:
+    """The fp32 files run by OpenVINO in bf16: no file of their own, measured like int8."""
+    kept = []
+    for entry in fp32:
+        variant = _Entry(
+            f"{entry.name}.bf16", entry.level, entry.module, entry.file, entry.output,
+            precision="bf16", backend="openvino",
+        )  # fmt: skip
+        builder.measure(variant, OpenVINO())
+        if _kept(builder, entry, variant, rejected):
+            kept.append(variant)
     return kept
 
 
@@ -383,7 +422,7 @@ def _fp16_variants(builder: _Builder, fp32: list[_Entry]) -> list[_Entry]:
             note="" if gpu else "not validated: no GPU on the exporting machine",
         )  # fmt: skip
         if gpu:
-            builder.measure(variant, providers=["CUDAExecutionProvider"])
+            builder.measure(variant, OnnxRuntime(providers=("CUDAExecutionProvider",)))
         out.append(variant)
     return out
 
@@ -415,6 +454,7 @@ def _graph(directory: Path, entry: _Entry, data: str, gflops_at_reference: float
         validated=entry.validated,
         note=entry.note,
         instances=ObjectScores(**ev.objects, data=data) if ev and ev.objects else None,
+        backend=entry.backend,
     )
 
 
@@ -456,6 +496,7 @@ def main(args: argparse.Namespace) -> int:
         opset=args.opset,
         int8=args.int8,
         int8_margin=INT8_MARGIN if args.int8_margin is None else args.int8_margin,
+        bf16=args.bf16,
         fp16=args.fp16,
         ensemble=args.ensemble,
         threshold=args.threshold,
@@ -480,6 +521,6 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"{g.name:<14} {g.file:<18} {g.parameters:>11,} {g.gflops:>8.2f} {iou:>7}  {ms}{note}"
         )
-    for r in manifest.extra["int8"]["rejected"]:
+    for r in manifest.extra["int8"]["rejected"] + manifest.extra["bf16"]["rejected"]:
         print(f"left out {r['name']}: IoU {r['iou']:.4f} vs fp32 {r['fp32_iou']:.4f}")
     return 0

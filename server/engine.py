@@ -208,13 +208,11 @@ class Engine:
         peak = memory.peak_during(
             lambda: timed.append(
                 measure_latency(
-                    runner.session,
+                    runner,
                     size,
                     self.model.manifest.in_channels,
-                    runner.graph.output,
                     repeats=self.settings.calibration_repeats,
                     warmup=1,
-                    options=runner.options,
                 )
             )
         )

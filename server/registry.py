@@ -245,7 +245,11 @@ class Registry:
 
         def build() -> Engine:  # sessions (the cascade's stages too) and the probe: a thread's
             model = load_model(
-                slot.directory, settings.device, settings.threads, settings.memory_arena
+                slot.directory,
+                settings.device,
+                settings.threads,
+                settings.memory_arena,
+                settings.backend,
             )
             engine = Engine(slot.name, model, settings, self.metrics, self.gate, self.budget)
             engine.probe(self.stopping)

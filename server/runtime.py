@@ -1,9 +1,12 @@
-"""A model repository on this machine: verified graphs, onnxruntime sessions, the device.
+"""A model repository on this machine: verified graphs, the backend's sessions, the device.
 
-One session per graph FILE: entries that share a file (L4's "logits" and "ensemble" outputs)
-share its session and differ only in the output they read. Providers are explicit:
-`auto` takes CUDA only after a session really ran on it, otherwise CPU without complaint;
-`cuda` that cannot run is an error that keeps the server not ready, with the reason.
+One session per graph file and precision: entries that share a file (L4's "logits" and
+"ensemble" outputs) share its session and differ only in the output they read; a bf16 entry
+opens its fp32 file again, in bf16. The backend (`UNETPP_BACKEND`, core/backends.py) runs
+every session; a backend that cannot run here keeps the server not ready, with the reason.
+onnxruntime's providers are explicit: `auto` takes CUDA only after a session really ran on
+it, otherwise CPU without complaint; `cuda` that cannot run is an error that keeps the server
+not ready, with the reason. OpenVINO runs on the CPU.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from unetpp.core.inference import create_session, run_batch, shrinking_arena
+from unetpp.core.backends import Backend, OnnxRuntime, OpenVINO, Session, bf16_runs, unavailable
+from unetpp.core.inference import create_session, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.server.errors import NotReady
-from unetpp.server.settings import Device
+from unetpp.server.settings import BackendName, Device
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +35,20 @@ class DeviceUnavailable(NotReady):
     error = "device_unavailable"
 
 
+class BackendUnavailable(NotReady):
+    error = "backend_unavailable"
+
+
 @dataclass(frozen=True)
 class Runner:
-    """One servable graph entry: its manifest record and the (possibly shared) session."""
+    """One servable graph entry: its manifest record and the (possibly shared) session of
+    the backend (onnxruntime's with the arena's shrinkage as run options, when it is on)."""
 
     graph: Graph
-    session: ort.InferenceSession
-    options: ort.RunOptions | None = None  # the arena's shrinkage, when it is on (CPU)
+    session: Session
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return run_batch(self.session, batch, self.graph.output, self.options)
+        return self.session.run(batch, self.graph.output)
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,8 @@ class LoadedModel:
     manifest: Manifest
     runners: dict[str, Runner]
     device: str  # "cpu" or "cuda"
-    providers: tuple[str, ...]
+    providers: tuple[str, ...]  # onnxruntime's (the cascade's, with OpenVINO)
+    backend: str = "onnxruntime"
 
 
 def _cuda_problem(path: Path, channels: int, threads: int) -> str | None:
@@ -81,31 +90,38 @@ def choose_providers(device: Device, probe: Path, channels: int, threads: int) -
 
 
 def load_model(
-    directory: Path, device: Device, threads: int, memory_arena: bool = True
+    directory: Path,
+    device: Device,
+    threads: int,
+    memory_arena: bool = True,
+    backend_name: BackendName = "onnxruntime",
 ) -> LoadedModel:
-    """Verify the repository and open its sessions; fp16 graphs are served on CUDA only."""
+    """Verify the repository and open its sessions through the backend; fp16 graphs are served
+    on CUDA only, bf16 graphs on OpenVINO on a CPU that computes in bf16."""
     manifest = load_repository(directory)
-    providers = choose_providers(
-        device, directory / manifest.graphs[0].file, manifest.in_channels, threads
-    )
-    on_cuda = providers[0] == CUDA
-    options = shrinking_arena() if memory_arena and not on_cuda else None
-    sessions: dict[str, ort.InferenceSession] = {}
+    if backend_name == "openvino":  # the cascade's stages stay on onnxruntime's CPU
+        backend, providers = _openvino(device), (CPU,)
+    else:
+        providers = choose_providers(
+            device, directory / manifest.graphs[0].file, manifest.in_channels, threads
+        )
+        on_cpu = providers[0] == CPU
+        shrink = shrinking_arena() if memory_arena and on_cpu else None
+        backend = OnnxRuntime(memory_arena, providers, shrink)
+    sessions: dict[tuple[str, str], Session] = {}
     runners: dict[str, Runner] = {}
     for graph in manifest.graphs:
-        if graph.precision == "fp16" and not on_cuda:
-            log.info("graph %s: fp16 is served on CUDA only; skipped", graph.name)
+        skipped = _skipped(graph, backend_name, providers[0])
+        if skipped:
+            log.info("graph %s: %s; skipped", graph.name, skipped)
             continue
-        if graph.file not in sessions:
-            sessions[graph.file] = create_session(
-                directory / graph.file,
-                threads=threads or None,
-                providers=providers,
-                memory_arena=memory_arena,
-            )
-        runners[graph.name] = Runner(graph, sessions[graph.file], options)
+        key = (graph.file, graph.precision)
+        if key not in sessions:
+            sessions[key] = backend.open(directory / graph.file, threads or None, graph.precision)
+        runners[graph.name] = Runner(graph, sessions[key])
+    where = "openvino" if backend_name == "openvino" else providers[0]
     if not runners:
-        raise NotReady(f"{directory}: no graph can be served on {providers[0]}")
+        raise NotReady(f"{directory}: no graph can be served on {where}")
     log.info(
         "loaded %s %s from %s: graphs %s in %d sessions on %s",
         manifest.name,
@@ -113,6 +129,27 @@ def load_model(
         directory,
         ", ".join(runners),
         len(sessions),
-        providers[0],
+        where,
     )
-    return LoadedModel(directory, manifest, runners, "cuda" if on_cuda else "cpu", tuple(providers))
+    device_name = "cuda" if providers[0] == CUDA else "cpu"
+    return LoadedModel(directory, manifest, runners, device_name, providers, backend_name)
+
+
+def _openvino(device: Device) -> Backend:
+    problem = unavailable("openvino")
+    if problem:
+        raise BackendUnavailable(problem)
+    if device == "cuda":
+        raise DeviceUnavailable("UNETPP_DEVICE=cuda needs UNETPP_BACKEND=onnxruntime")
+    return OpenVINO()
+
+
+def _skipped(graph: Graph, backend: str, provider: str) -> str:
+    """Why this backend and device do not serve the graph ("" when they do)."""
+    if graph.precision == "fp16" and provider != CUDA:
+        return "fp16 is served on CUDA only"
+    if graph.backend not in (None, backend):
+        return f"{graph.precision} is served by UNETPP_BACKEND={graph.backend} only"
+    if graph.precision == "bf16" and not bf16_runs():
+        return "this CPU does not compute in bf16"
+    return ""

@@ -13,6 +13,7 @@ from unetpp.core.routing import Mode
 
 Device = Literal["auto", "cpu", "cuda"]
 
+BackendName = Literal["onnxruntime", "openvino"]  # core/backends.py
 
 class Settings(BaseSettings):
     """What `unetpp serve` reads. docs/settings.md is generated from these fields
@@ -35,7 +36,12 @@ class Settings(BaseSettings):
         description="auto: CUDA only if a session really runs on it, else CPU; cpu; cuda: not "
         "ready (with the reason) if CUDA cannot run",
     )
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session; 0: all")
+    backend: BackendName = Field(
+        "onnxruntime",
+        description="the runtime of every graph: onnxruntime, or openvino (the openvino extra; "
+        "CPU only; serves the bf16 graphs; docs/big-images.md#backends)",
+    )
+    threads: int = Field(0, ge=0, description="intra-op threads per session; 0: all")
     workers: int = Field(1, ge=1, description="batches run at the same time")
     memory_arena: bool = Field(
         True, description="onnxruntime's CPU arena: faster, but keeps the largest batch's memory"

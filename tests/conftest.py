@@ -96,7 +96,7 @@ def _tiny_checkpoint(out: Path, source: str, loss) -> Path:
 
 def _tiny_repository(checkpoint: Path, out: Path, source: str, name: str) -> Path:
     """The checkpoint's model repository: model.json, L1..L4.onnx (fp32; L4.onnx also carries
-    the "ensemble" output), accuracy measured on 4 val images of `source`; no int8."""
+    the "ensemble" output), accuracy measured on 4 val images of `source`; no int8, no bf16."""
     from unetpp.export.repository import ExportOptions, export_repository
 
     with one_torch_thread():
@@ -105,7 +105,7 @@ def _tiny_repository(checkpoint: Path, out: Path, source: str, name: str) -> Pat
             out,
             val_samples=tiny_samples("val", classes=source == "synthetic-classes"),
             val_data=f"{source}:val",
-            options=ExportOptions(int8=False, ensemble="always", name=name),
+            options=ExportOptions(int8=False, bf16=False, ensemble="always", name=name),
         )
     return out
 
@@ -125,6 +125,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_repository") / "models"
     return _tiny_repository(tiny_checkpoint, out, "synthetic", "unetpp")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The binary tiny model exported with bf16 variants (OpenVINO runs L1..L4.onnx in bf16,
+    each measured like an int8 variant), no int8, no ensemble, no cascade."""
+    pytest.importorskip("openvino")
+    from unetpp.export.repository import ExportOptions, export_repository
+
+    out = tmp_path_factory.mktemp("tiny_bf16_repository") / "models"
+    options = ExportOptions(int8=False, bf16=True, ensemble="never", cascade_targets=())
+    with one_torch_thread():
+        export_repository(
+            tiny_checkpoint,
+            out,
+            val_samples=tiny_samples("val"),
+            val_data="synthetic:val",
+            options=options,
+        )
+    return out
 
 
 @pytest.fixture(scope="session")

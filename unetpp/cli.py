@@ -147,10 +147,16 @@ def _export(p: argparse.ArgumentParser) -> None:
         "--int8-margin",
         type=_fraction,
         metavar="IOU",
-        help="leave out an int8 variant losing more IoU than this, as a fraction: 0.01 is "
+        help="leave out an int8 or bf16 variant losing more IoU than this, as a fraction: 0.01 is "
         "one point (default: INT8_MARGIN in unetpp.export.quantize)",
     )
     p.add_argument("--calib-images", type=int, default=8, help="training images for int8")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 variants, run by OpenVINO (default: when OpenVINO computes in bf16 here)",
+    )
     p.add_argument("--fp16", action="store_true", help="also write fp16 variants (for GPUs)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     p.add_argument(

@@ -61,7 +61,7 @@ class RouteParams(BaseModel):
         le=1,
         description="accuracy floor; the fastest graph whose measured IoU reaches it",
     )
-    precision: Precision = Field("auto", description="fp32, int8, or auto (either)")
+    precision: Precision = Field("auto", description="fp32, int8, bf16, or auto (any)")
     deadline_ms: float | None = Field(
         None, gt=0, description="give up after this long (default and cap: the server's timeout)"
     )

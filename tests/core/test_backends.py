@@ -33,7 +33,7 @@ def batch(tiny_repository: Path) -> np.ndarray:
 def test_openvino_f32_matches_onnxruntime(tiny_repository, batch, graph, output):
     path = tiny_repository / f"{graph}.onnx"
     ours = OnnxRuntime().open(path, threads=1).run(batch, output)
-    theirs = OpenVINO(precision="f32").open(path, threads=1).run(batch, output)
+    theirs = OpenVINO().open(path, threads=1, precision="fp32").run(batch, output)
     assert theirs.shape == ours.shape == (3, 1, 160, 192) and theirs.dtype == np.float32
     np.testing.assert_allclose(theirs, ours, rtol=1e-3, atol=1e-3)
 
@@ -42,7 +42,7 @@ def test_openvino_bf16_masks_agree_and_sessions_serve_threads(tiny_repository, b
     path = tiny_repository / "L4.onnx"
     cut = logit_threshold(load_repository(tiny_repository).threshold)
     reference = OnnxRuntime().open(path).run(batch, "logits") > cut
-    session = OpenVINO(precision="bf16").open(path, threads=1)
+    session = OpenVINO().open(path, threads=1, precision="bf16")
     with ThreadPoolExecutor(3) as pool:  # one infer request per thread
         outs = list(pool.map(lambda x: session.run(x[None], "logits")[0], batch))
     masks = np.stack(outs) > cut

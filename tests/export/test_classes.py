@@ -13,7 +13,7 @@ import torch
 from tests.helpers import tiny_samples
 from unetpp.core.errors import ExportError
 from unetpp.core.inference import create_session, predict_logits, run_batch
-from unetpp.core.manifest import load_repository
+from unetpp.core.manifest import SCHEMA_VERSION, load_repository
 from unetpp.core.task import Task
 from unetpp.export.evaluate import evaluate_repository, format_table
 from unetpp.export.graphs import check_parity, export_graph
@@ -29,7 +29,8 @@ def test_the_manifest_carries_the_task_and_per_class_figures(
     assert manifest.task == Task.from_names(CLASSES)
     assert manifest.num_classes == 3
     raw = json.loads((tiny_classes_repository / "model.json").read_text())
-    assert raw["schema_version"] == 2 and raw["task"]["classes"] == ["background", *CLASSES]
+    assert raw["schema_version"] == SCHEMA_VERSION
+    assert raw["task"]["classes"] == ["background", *CLASSES]
     assert "num_classes" not in raw and "threshold" not in raw
     for graph in manifest.graphs:
         per_class = graph.accuracy.classes

@@ -61,7 +61,7 @@ def test_a_variant_losing_more_than_the_margin_is_left_out(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     # a negative margin: every variant "loses too much", so every one must be left out
-    options = ExportOptions(int8_margin=-1.0, ensemble="never", latency_sizes=(64,))
+    options = ExportOptions(int8_margin=-1.0, bf16=False, ensemble="never", latency_sizes=(64,))
     manifest = export_repository(
         tiny_checkpoint,
         tmp_path / "models",
