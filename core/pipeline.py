@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,20 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Plan:
-    """How an image of a given size runs: its padded size, and tiles when it is large."""
+    """How an image of a given size runs: its padded size, and tiles when it is large. A graph
+    whose tile was measured (the server's calibration) may run otherwise: `graphs` holds its
+    own plan (`for_graph`)."""
 
     height: int  # padded
     width: int
     tiles: int  # 0: whole image in one run
     tile: int  # the tile's side (when tiled)
     run_pixels: int  # pixels of one network input
+    batch: int = 0  # windows in flight at once (0: the runner's default)
+    graphs: Mapping[str, Plan] = field(default_factory=dict)
+
+    def for_graph(self, graph: str) -> Plan:
+        return self.graphs.get(graph, self)
 
     def predict(self, ms_for_pixels: Callable[[int], float]) -> float:
         """The whole image's inference time from one run's."""
@@ -91,7 +98,7 @@ def candidates(
             g.precision,
             g.output,
             g.accuracy.iou if g.accuracy else None,
-            plan.predict(lambda pixels, name=g.name: ms_for(name, pixels)),
+            plan.for_graph(g.name).predict(lambda pixels, name=g.name: ms_for(name, pixels)),
         )
         for g in graphs
     ]

@@ -12,7 +12,8 @@ and kept as two vectors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,6 +21,46 @@ import numpy as np
 TILE_ABOVE_PIXELS = 1 << 20  # images with more (padded) pixels are tiled
 TILE_SIZE = 512
 TILE_OVERLAP = 64
+# the server's default candidate sides, measured per graph in the background calibration
+TILE_SIDES = (256, 384, 512, 768, 1024)
+# a tile within this factor of the best measured rate counts as fast as it; the one of them
+# holding the fewest activation bytes wins (a shared CPU's timings vary by about this much)
+RATE_SLACK = 1.1
+
+
+@dataclass(frozen=True)
+class TileRun:
+    """A measured run of `batch` windows of `side` x `side` pixels: `ms` for the whole batch."""
+
+    side: int
+    batch: int
+    ms: float
+
+    @property
+    def pixels(self) -> int:
+        """Input pixels of the batch (its activation bytes are proportional to them)."""
+        return self.batch * self.side * self.side
+
+    def ms_per_pixel(self, overlap: int) -> float:
+        """Per new output pixel of a large image: each window adds about (side - overlap)^2."""
+        return self.ms / (self.batch * (self.side - overlap) ** 2)
+
+
+def choose_tile(
+    runs: Iterable[TileRun], *, overlap: int, bytes_per_pixel: int, room: int
+) -> TileRun | None:
+    """The tile (side and batch) for a graph from its measured runs: the lowest ms per new
+    output pixel among the runs whose activations fit `room` bytes (`bytes_per_pixel` per
+    input pixel) and whose side is over twice the overlap; of those within RATE_SLACK of it,
+    the one with the fewest input pixels (then the smaller side). None when none qualifies."""
+    fits = [
+        r for r in runs if r.side > 2 * overlap and r.ms > 0 and bytes_per_pixel * r.pixels <= room
+    ]
+    if not fits:
+        return None
+    best = min(r.ms_per_pixel(overlap) for r in fits)
+    near = [r for r in fits if r.ms_per_pixel(overlap) <= RATE_SLACK * best]
+    return min(near, key=lambda r: (r.pixels, r.side, r.ms_per_pixel(overlap)))
 
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,6 +44,8 @@ UNMEASURED_BYTES_PER_PIXEL = 3200
 # A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
 # several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
 MEMORY_MARGIN = 1.3
+# the largest calibration run, in input pixels (batch x side x side): bounds its time and memory
+CALIBRATION_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class GraphFigures:
     latency_source: dict[int, str] | None = None  # size -> "probe", "estimate", "calibrated"
     requests: int = 0
     missed: int = 0
+    tile_runs: tuple[tiling.TileRun, ...] = ()  # measured by `refine`
+    tile: tiling.TileRun | None = None  # the tile chosen from them (None: `tile_size`)
 
     def measured(self, peak: int | None, pixels: int) -> None:
         """A run of `pixels` input pixels peaked `peak` bytes above rest (None: unknown): the
@@ -178,32 +182,89 @@ class Engine:
         self.figures[graph].latency_source[size] = source
 
     async def refine(self, stop: threading.Event) -> None:
-        """Measure every graph at the tile size, one at a time, each when the engine is idle
-        and the memory budget has room for it (background; a stop ends it between graphs)."""
-        size = self.settings.tile_size
+        """Measure every graph, one at a time, at each of `tile_sides` at batch 1 and at the
+        batch that fits (or at `tile_size` alone when there are none), each run when the
+        engine is idle and the memory budget has room for it; then choose the graph's tile
+        (background; a stop ends it between runs)."""
         for name, runner in self.runners.items():
-            sources = self.figures[name].latency_source
-            assert sources is not None
-            if sources.get(size) in ("probe", "calibrated"):
-                continue
-            cost = self.figures[name].bytes_per_pixel * size * size
-            while not stop.is_set() and (
-                self.gate.in_flight or self.budget.room(cost, 1) == 0 or self.budget.in_use
-            ):
-                await asyncio.sleep(0.2)
-            if stop.is_set():
-                return
-            self.budget.take(cost)
-            try:
-                ms, peak = await asyncio.to_thread(self._calibrate, runner, size)
-            finally:
-                self.budget.release(cost)
-            self.figures[name].measured(peak, size * size)
-            self._seed(name, size, ms, "calibrated")
-            log.info("%s: calibrated %s at %d px: %.1f ms", self.name, name, size, ms)
+            figures = self.figures[name]
+            runs: list[tiling.TileRun] = []
+            for side, batch in self._tile_candidates(figures.bytes_per_pixel):
+                measured = await self._measure(runner, side, batch, stop)
+                if measured is None:
+                    return
+                runs.append(measured)
+                if batch == 1:
+                    self._seed(name, side, measured.ms, "calibrated")
+                log.info(
+                    "%s: calibrated %s at %dx%d px: %.1f ms",
+                    self.name,
+                    name,
+                    batch,
+                    side,
+                    measured.ms,
+                )
+            if self.settings.tile_sides:
+                self._choose_tile(name, runs)
 
-    def _calibrate(self, runner: Runner, size: int) -> tuple[float, int | None]:
-        """Median ms of `runner` at size x size, and the peak bytes above rest (blocking)."""
+    def _tile_candidates(self, bytes_per_pixel: int) -> list[tuple[int, int]]:
+        """(side, batch) to measure: each side at batch 1, and at the largest batch up to
+        `max_batch` whose inputs hold at most CALIBRATION_PIXELS and fit the budget."""
+        if not self.settings.tile_sides:
+            return [(self.settings.tile_size, 1)]
+        out = []
+        for side in self.settings.tile_sides:
+            room = self.budget.capacity // (bytes_per_pixel * side * side)
+            batch = min(self.settings.max_batch, CALIBRATION_PIXELS // (side * side), room)
+            out += [(side, 1)] + ([(side, batch)] if batch > 1 else [])
+        return out
+
+    async def _measure(
+        self, runner: Runner, side: int, batch: int, stop: threading.Event
+    ) -> tiling.TileRun | None:
+        """One calibration run when the engine is idle and the budget has room (None: stopped)."""
+        figures = self.figures[runner.graph.name]
+        cost = figures.bytes_per_pixel * side * side * batch
+        while not stop.is_set() and (
+            self.gate.in_flight or self.budget.room(cost, 1) == 0 or self.budget.in_use
+        ):
+            await asyncio.sleep(0.2)
+        if stop.is_set():
+            return None
+        self.budget.take(cost)
+        try:
+            ms, peak = await asyncio.to_thread(self._calibrate, runner, side, batch)
+        finally:
+            self.budget.release(cost)
+        figures.measured(peak, side * side * batch)
+        return tiling.TileRun(side, batch, ms)
+
+    def _choose_tile(self, graph: str, runs: list[tiling.TileRun]) -> None:
+        """The graph's tile from its runs (core/tiling.py `choose_tile`); the predictor learns
+        its per-window time at the chosen batch, what served batches will report."""
+        figures = self.figures[graph]
+        figures.tile_runs = tuple(runs)
+        figures.tile = tiling.choose_tile(
+            runs,
+            overlap=self.settings.tile_overlap,
+            bytes_per_pixel=figures.bytes_per_pixel,
+            room=self.budget.capacity,
+        )
+        if figures.tile is not None:
+            tile = figures.tile
+            self.predictor.seed(graph, tile.side * tile.side, tile.ms / tile.batch)
+            log.info(
+                "%s: %s tiles at %d px, batch %d (%.3f us per output pixel)",
+                self.name,
+                graph,
+                tile.side,
+                tile.batch,
+                1000.0 * tile.ms_per_pixel(self.settings.tile_overlap),
+            )
+
+    def _calibrate(self, runner: Runner, size: int, batch: int = 1) -> tuple[float, int | None]:
+        """Median ms of `runner` on a batch of size x size inputs, and the peak bytes above
+        rest (blocking)."""
         timed: list[float] = []
         peak = memory.peak_during(
             lambda: timed.append(
@@ -211,6 +272,7 @@ class Engine:
                     runner,
                     size,
                     self.model.manifest.in_channels,
+                    batch=batch,
                     repeats=self.settings.calibration_repeats,
                     warmup=1,
                 )
@@ -257,11 +319,18 @@ class Engine:
         return pipeline.prepare(image, self.model.manifest.preprocessing)
 
     def plan(self, prepared: Prepared) -> Plan:
+        """Today's rule (`_plan_unmeasured`), and for each graph whose tile is measured, its
+        own plan: whole or tiled at its tile, whichever is predicted faster (`Plan.graphs`)."""
+        h, w = prepared.x.shape[-2:]
+        plan = self._plan_unmeasured(h, w)
+        graphs = {name: self._plan_measured(name, h, w) for name in self.runners}
+        return replace(plan, graphs={k: v for k, v in graphs.items() if v is not None})
+
+    def _plan_unmeasured(self, h: int, w: int) -> Plan:
         """Whole when small enough and its activations fit the memory budget; otherwise tiled,
         with the largest tile (from `tile_size` down, halving) whose activations fit (the most
         demanding graph's, as the graph is chosen after planning); ImageTooLarge (413) when not
         even the smallest tile fits."""
-        h, w = prepared.x.shape[-2:]
         per_pixel = max(f.bytes_per_pixel for f in self.figures.values())
         capacity = self.budget.capacity
         if h * w <= self.settings.tile_above_pixels and h * w * per_pixel <= capacity:
@@ -280,15 +349,31 @@ class Engine:
                 )
             tile = smaller
 
+    def _plan_measured(self, graph: str, h: int, w: int) -> Plan | None:
+        """Tiled at the graph's measured tile and batch, or whole where that is allowed (up to
+        `tile_above_pixels`, within the budget) and predicted no slower; None: not measured."""
+        figures = self.figures[graph]
+        if figures.tile is None:
+            return None
+        side, overlap = figures.tile.side, self.settings.tile_overlap
+        pixels = min(side, h) * min(side, w)
+        tiled = Plan(h, w, tiling.count(h, w, side, overlap), side, pixels, figures.tile.batch)
+        if h * w <= self.settings.tile_above_pixels:
+            whole = Plan(h, w, 0, 0, h * w)
+            fits = h * w * figures.bytes_per_pixel <= self.budget.capacity
+            if fits and self.predict_ms(whole, graph) <= self.predict_ms(tiled, graph):
+                return whole
+        return tiled
+
     def predict_ms(self, plan: Plan, graph: str) -> float:
         """The predicted inference time of an image so planned, on one graph."""
-        return plan.predict(lambda pixels: self.predictor.predict(graph, pixels))
+        return plan.for_graph(graph).predict(lambda pixels: self.predictor.predict(graph, pixels))
 
     def candidates(self, plan: Plan) -> list[Candidate]:
         graphs = [runner.graph for runner in self.runners.values()]
         out = pipeline.candidates(graphs, plan, self.predictor.predict)
-        if self.cascade and self.deepest in self.runners:
-            deepest_ms = self.predict_ms(plan, self.deepest)
+        if self.cascade and self.deepest in self.runners:  # the cascade tiles as `plan` says
+            deepest_ms = plan.predict(lambda pixels: self.predictor.predict(self.deepest, pixels))
             out += cascade.candidates(self.cascade.record, deepest_ms)
         return out
 
@@ -325,6 +410,7 @@ class Engine:
             return await self.infer_cascade(
                 prepared, plan, lambda x: self.cascade.infer(x, target.thresholds)
             )
+        plan = plan.for_graph(graph)
         predicted = self.predictor.predict(graph, plan.run_pixels)
         results: list[ItemResult] = []
 
@@ -343,7 +429,7 @@ class Engine:
                 run,
                 tile=plan.tile,
                 overlap=self.settings.tile_overlap,
-                in_flight=2 * self.settings.max_batch,
+                in_flight=plan.batch or 2 * self.settings.max_batch,
             )
         else:
             logits = await run(prepared.x)

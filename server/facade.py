@@ -119,7 +119,7 @@ class Outcome:
             "total_ms": round(1000.0 * (time.monotonic() - self.started), 3),
             "batches": sum(r.batches for r in self.results),
             "largest_batch": max(r.largest_batch for r in self.results),
-            "tiles": self.plan.tiles,
+            "tiles": self.plan.for_graph(self.route.graph).tiles,
         }
 
 

@@ -35,6 +35,12 @@ class Latency(BaseModel):
     predicted_at_reference: float
 
 
+class Tile(BaseModel):
+    side: int = Field(description="the graph's tile side, chosen from its measured runs")
+    batch: int = Field(description="tiles of one image run together")
+    us_per_output_pixel: float = Field(description="measured, per new pixel given the overlap")
+
+
 class Served(BaseModel):
     requests: int
     missed_targets: int
@@ -56,6 +62,7 @@ class GraphInfo(BaseModel):
     bytes_per_pixel: int = Field(description="activation bytes per input pixel (batch 1)")
     memory_source: Literal["measured", "assumed"]
     latency_ms: Latency
+    tile: Tile | None = Field(description="measured in the background; none yet: `tile_size`")
     served: Served
 
 
@@ -171,6 +178,15 @@ def _graph(engine: Engine, name: str, reference: Plan) -> GraphInfo:
             sources={str(k): v for k, v in (figures.latency_source or {}).items()},
             observations=engine.predictor.observations(name),
             predicted_at_reference=round(engine.predict_ms(reference, name), 3),
+        ),
+        tile=None
+        if figures.tile is None
+        else Tile(
+            side=figures.tile.side,
+            batch=figures.tile.batch,
+            us_per_output_pixel=round(
+                1000.0 * figures.tile.ms_per_pixel(engine.settings.tile_overlap), 4
+            ),
         ),
         served=Served(
             requests=figures.requests,

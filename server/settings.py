@@ -10,10 +10,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.core.routing import Mode
+from unetpp.core.tiling import TILE_SIDES
 
 Device = Literal["auto", "cpu", "cuda"]
-
 BackendName = Literal["onnxruntime", "openvino"]  # core/backends.py
+
 
 class Settings(BaseSettings):
     """What `unetpp serve` reads. docs/settings.md is generated from these fields
@@ -79,7 +80,15 @@ class Settings(BaseSettings):
     )
 
     tile_above_pixels: int = Field(1 << 20, ge=1, description="images larger than this are tiled")
-    tile_size: int = Field(512, ge=MULTIPLE, description="largest tile side, a multiple of 16")
+    tile_size: int = Field(
+        512, ge=MULTIPLE, description="tile side until a graph's tile is measured (`tile_sides`)"
+    )
+    tile_sides: tuple[int, ...] = Field(
+        TILE_SIDES,
+        description="tile sides (multiples of 16) the background calibration measures per graph, "
+        "at batch 1 and the batch that fits; each graph then tiles at its fastest per output "
+        "pixel (docs/big-images.md); empty: always `tile_size`",
+    )
     tile_overlap: int = Field(
         64, ge=0, description="overlap of neighbouring tiles, a multiple of 16, under half a tile"
     )
@@ -131,8 +140,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tiles(self) -> Settings:
-        if self.tile_size % MULTIPLE or self.tile_overlap % MULTIPLE:
-            raise ValueError(f"tile_size and tile_overlap must be multiples of {MULTIPLE}")
-        if self.tile_overlap * 2 >= self.tile_size:
-            raise ValueError("tile_overlap must be less than half of tile_size")
+        sides = (self.tile_size, self.tile_overlap, *self.tile_sides)
+        if any(side % MULTIPLE for side in sides):
+            raise ValueError(
+                f"tile_size, tile_overlap and tile_sides must be multiples of {MULTIPLE}"
+            )
+        if self.tile_overlap * 2 >= min(self.tile_size, *self.tile_sides):
+            raise ValueError("tile_overlap must be less than half of tile_size and of tile_sides")
         return self

@@ -122,6 +122,7 @@ def settings(repository: Path, **overrides) -> Settings:
         tile_size=TILE_SIZE,
         tile_overlap=TILE_OVERLAP,
         tile_above_pixels=TILE_ABOVE,
+        tile_sides=(),  # tiles at TILE_SIZE; tests of the measured tile set their own sides
         calibration_repeats=2,
         max_wait_ms=200.0,
         body_timeout_s=1.0,  # a body that stops arriving is cut (408) after this grace

@@ -19,6 +19,7 @@ from unetpp.core.manifest import MANIFEST_NAME, Accuracy, Graph, Manifest
 from unetpp.core.preprocess import Preprocessing
 from unetpp.core.routing import Choice
 from unetpp.core.task import Task
+from unetpp.core.tiling import TileRun, choose_tile, count
 from unetpp.server import facade, registry
 from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.engine import Engine
@@ -43,8 +44,8 @@ GRAPHS = {
 
 
 class FakeSession:
-    """onnxruntime's `InferenceSession.run` for a pointwise graph: logits = factor * (x - 0.5).
-    `hold` (when set on it) keeps a run waiting until released; `batches` records each run's
+    """A backend's session (core/backends.py `Session`) for a pointwise graph: logits =
+    factor * (x - 0.5). `hold` (when set on it) keeps a run waiting until released; `batches` records each run's
     batch size."""
 
     def __init__(self, factor: float) -> None:
@@ -53,13 +54,12 @@ class FakeSession:
         self.running = threading.Event()
         self.batches: list[int] = []
 
-    def run(self, output_names, feeds, options=None):
-        x = feeds["image"]
+    def run(self, x: np.ndarray, output: str) -> np.ndarray:
         self.batches.append(x.shape[0])
         self.running.set()
         if self.hold is not None:
             assert self.hold.wait(10), "the test never released the session"
-        return [self.factor * (x[:, :1] - 0.5)]
+        return self.factor * (x[:, :1] - 0.5)
 
 
 def graph(name: str) -> Graph:
@@ -338,6 +338,79 @@ def test_an_image_not_even_the_smallest_tile_fits_is_refused_413():
     assert refused.status_code == 413 and "UNETPP_MEMORY_LIMIT" in refused.detail
     assert session(engine, "L1").batches == [1, 1]  # nothing ran after the probe
     assert engine.gate.in_flight == 0 and engine.gate.pixels_in_flight == 0
+
+
+def test_refine_measures_each_tile_side_and_batch_and_chooses_from_them():
+    engine = engine_for(tile_sides=(48, 64), max_batch=4)
+    for name in GRAPHS:
+        session(engine, name).batches.clear()
+
+    async def scenario(engine: Engine) -> None:
+        await engine.refine(threading.Event())
+
+    run(scenario)(engine)
+    figures = engine.figures["L3"]
+    # each side at batch 1 and at the batch that fits (max_batch here), every run warmed up once
+    assert [(r.side, r.batch) for r in figures.tile_runs] == [(48, 1), (48, 4), (64, 1), (64, 4)]
+    assert session(engine, "L3").batches == [1] * 4 + [4] * 4 + [1] * 4 + [4] * 4
+    assert figures.latency_source[48] == figures.latency_source[64] == "calibrated"
+    assert figures.tile == choose_tile(
+        figures.tile_runs, overlap=16, bytes_per_pixel=figures.bytes_per_pixel, room=1 << 30
+    )
+
+
+def test_each_graph_tiles_at_its_own_measured_tile_and_batch():
+    """L4 measured fastest per output pixel at 48 px in batches of 2 (given figures), L1 at 96
+    px alone; the other graphs are unmeasured and keep `tile_size` (128). A 256x256 image on
+    each runs in those windows and batches, and comes out equal to the untiled answer."""
+    engine = engine_for(tile_above_pixels=64 * 64)
+    given = {
+        "L4": [TileRun(48, 1, 10.0), TileRun(48, 2, 14.0), TileRun(96, 1, 60.0)],
+        "L1": [TileRun(48, 1, 10.0), TileRun(96, 1, 12.0)],
+    }
+    for name, runs in given.items():
+        engine._choose_tile(name, runs)
+    assert (engine.figures["L4"].tile, engine.figures["L1"].tile) == (
+        given["L4"][1],
+        given["L1"][1],
+    )
+    pixels = image(256, 256)
+    plan = engine.plan(engine.preprocess(pixels))
+    assert (plan.tile, plan.for_graph("L2").tile) == (128, 128)
+    assert (plan.for_graph("L4").tile, plan.for_graph("L4").batch) == (48, 2)
+    assert plan.for_graph("L4").tiles == count(256, 256, 48, 16)
+    assert (plan.for_graph("L1").tile, plan.for_graph("L1").tiles) == (96, count(256, 256, 96, 16))
+    levels = {"L4": 4, "L1": 1, "L2": 2}
+    for name in levels:
+        session(engine, name).batches.clear()
+
+    async def scenario(engine: Engine) -> list[Outcome]:
+        return [await segment(engine, pixels, Choice(level=k)) for k in levels.values()]
+
+    for outcome, name in zip(run(scenario)(engine), levels, strict=True):
+        layout = plan.for_graph(name)
+        assert outcome.route.graph == name and outcome.timings()["tiles"] == layout.tiles
+        assert sum(session(engine, name).batches) == layout.tiles
+        assert max(session(engine, name).batches) <= (layout.batch or 8)
+        np.testing.assert_allclose(
+            outcome.logits[0], expected_logits(engine, pixels, name), rtol=1e-5, atol=1e-5
+        )
+    assert max(session(engine, "L4").batches) == 2
+
+
+def test_an_image_below_tile_above_runs_whole_or_tiled_whichever_is_predicted_faster():
+    engine = engine_for()  # tile_above_pixels: 1 MP
+    engine._choose_tile("L2", [TileRun(64, 1, 1.0)])  # the predictor: 1 ms per 64x64 window
+    x = engine.preprocess(image(256, 256))
+    windows = count(256, 256, 64, 16)
+    engine.predictor.seed("L2", 256 * 256, windows * 1.0 + 1.0)  # whole: 1 ms slower
+    plan = engine.plan(x)
+    assert (plan.for_graph("L2").tile, plan.for_graph("L2").tiles) == (64, windows)
+    assert plan.tiles == 0  # the graphs without a measured tile run whole
+    candidate = {c.name: c for c in engine.candidates(plan)}["L2"]
+    assert candidate.predicted_ms == pytest.approx(windows * 1.0)  # routing sees L2's own plan
+    engine.predictor.seed("L2", 256 * 256, windows * 1.0 - 1.0)  # whole: 1 ms faster
+    assert engine.plan(x).for_graph("L2").tiles == 0
 
 
 def test_a_model_whose_load_fails_leaves_the_other_serving(tmp_path: Path, monkeypatch):
