@@ -37,8 +37,9 @@ import tifffile
 import zarr
 
 from unetpp.core.errors import Cancelled, ImageDecodeError, UnsupportedImage
+from unetpp.core.pipeline import Plan
 from unetpp.core.preprocess import Preprocessing, padding_for, to_channels
-from unetpp.core.tiling import Blend
+from unetpp.core.tiling import Blend, count
 
 Run = Callable[[np.ndarray], np.ndarray]  # [N, C, h, w] float32 -> logits [N, K, h, w]
 Decide = Callable[[np.ndarray], np.ndarray]  # logits [K, h, w] -> uint8 labels [h, w]
@@ -88,6 +89,13 @@ def open_slide(path: str | Path) -> Iterator[list[Page]]:
         series = tif.series[0]
         array = zarr.open_array(series.aszarr(level=0), mode="r")
         yield _pages(array, series.levels[0].axes, Path(path).name)
+
+
+def plan(height: int, width: int, preprocessing: Preprocessing, tile: int, overlap: int) -> Plan:
+    """A page's plan for routing: its padded size in `tile` x `tile` windows."""
+    side = preprocessing.multiple
+    h, w = -(-height // side) * side, -(-width // side) * side
+    return Plan(h, w, count(h, w, tile, overlap), tile, min(tile, h) * min(tile, w))
 
 
 def _pages(array: zarr.Array, axes: str, name: str) -> list[Page]:

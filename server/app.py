@@ -68,8 +68,9 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def single_query_values(request: Request) -> None:
-    """Every query parameter at most once: `level=1&level=4` is a 422, not the last one."""
+async def single_query_values(request: Request) -> None:
+    """Every query parameter at most once: `level=1&level=4` is a 422, not the last one.
+    (async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request)"""
     names = Counter(name for name, _ in request.query_params.multi_items())
     repeated = sorted(name for name, count in names.items() if count > 1)
     if repeated:
@@ -92,9 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(settings, telemetry)
         app.state.registry = registry
         loading = asyncio.create_task(registry.start())
-        app.state.jobs = await asyncio.to_thread(
-            Jobs.from_settings, JobSettings(), settings.models, settings.default_model
-        )
+        app.state.jobs = Jobs.from_settings(JobSettings(), registry)
         if app.state.jobs is not None:
             await app.state.jobs.start()
         try:

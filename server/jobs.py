@@ -38,17 +38,19 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from unetpp.core import slide
-from unetpp.core.errors import Cancelled, ImageTooLarge, ModelRepositoryError, UNetPPError
-from unetpp.core.inference import run_batch
-from unetpp.core.pipeline import LocalModel, Plan
-from unetpp.core.routing import Choice
-from unetpp.core.tiling import count
+from unetpp.core import pipeline, slide
+from unetpp.core.errors import Cancelled, ImageTooLarge, UNetPPError
+from unetpp.core.routing import Choice, Route, choose
+from unetpp.server.admission import MemoryBudget
+from unetpp.server.engine import Engine
+from unetpp.server.registry import Registry
+from unetpp.server.runtime import Runner
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 TERMINAL = (DONE, FAILED, CANCELLED)
 INCOMING, TRASH = ".incoming", ".trash"
 CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 class JobSettings(BaseSettings):
@@ -422,9 +425,12 @@ class JobStore:
 class JobWorker:
     """Asyncio tasks that claim jobs and run `process` on them in threads."""
 
-    def __init__(self, store: JobStore, process: Process) -> None:
+    def __init__(
+        self, store: JobStore, process: Process, ready: Callable[[], bool] = lambda: True
+    ) -> None:
         self.store = store
         self.process = process
+        self.ready = ready  # claim only while it says so (the models are loaded, not draining)
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -442,7 +448,7 @@ class JobWorker:
         while not self.stopping.is_set():
             try:
                 await asyncio.to_thread(self.store.sweep)
-                claim = await asyncio.to_thread(self.store.claim)
+                claim = await asyncio.to_thread(self.store.claim) if self.ready() else None
                 if claim is not None:
                     await self._run(claim)
                     continue
@@ -483,10 +489,16 @@ class JobWorker:
 
 @dataclass(frozen=True)
 class SlideJobs:
-    """The default `Process`: the job's TIFF through core/slide.py, on the graph its routing
-    options choose (core/routing.py, on the export-time latencies of `model`'s manifest)."""
+    """The default `Process`: the job's TIFF through core/slide.py on the sessions the server
+    serves its model with (the registry's engine, leased for the whole job: a reload or unload
+    closes them only after it), on the graph its routing options choose (core/routing.py, on
+    the engine's live latency figures). Each batch of windows holds its activation bytes
+    against the server's memory budget while it runs, as a batch of requests does; a batch is
+    at most as many windows as the budget holds. Runs in a worker thread: what touches the
+    registry, the engine or the budget runs on `loop`."""
 
-    model: LocalModel
+    registry: Registry
+    loop: asyncio.AbstractEventLoop
     tile: int = 512
     overlap: int = 64
     batch: int = 4
@@ -496,38 +508,85 @@ class SlideJobs:
     ) -> dict[str, Any]:
         with slide.open_slide(job.upload) as pages:
             page = pages[0]
-        route = self.model.route(_choice(job.params), self._plan(page.height, page.width))
-        graph = self.model.graphs[route.graph]
-        session = self.model.sessions[graph.file]
-        result = slide.segment_slide(
-            job.upload,
-            job.result,
-            lambda batch: run_batch(session, batch, graph.output),
-            preprocessing=self.model.manifest.preprocessing,
-            decide=self.model.manifest.task.labels,
-            tile=self.tile,
-            overlap=self.overlap,
-            batch=self.batch,
-            progress=progress,
-            cancelled=cancelled,
-        )
+        with self._lease(job.params.get("model")) as engine:
+            route = self._on_loop(self._route, engine, job.params, page.height, page.width)
+            runner = engine.runners[route.graph]
+            per_pixel = engine.figures[route.graph].bytes_per_pixel
+            window = per_pixel * min(self.tile, page.height) * min(self.tile, page.width)
+            batch = max(1, min(self.batch, engine.budget.capacity // window))
+            result = slide.segment_slide(
+                job.upload,
+                job.result,
+                self._budgeted(runner, engine.budget, per_pixel),
+                preprocessing=engine.model.manifest.preprocessing,
+                decide=engine.model.manifest.task.labels,
+                tile=self.tile,
+                overlap=self.overlap,
+                batch=batch,
+                progress=progress,
+                cancelled=cancelled,
+            )
         return {
-            "graph": graph.name,
+            "model": engine.name,
+            "graph": route.graph,
             "route_reason": route.reason,
+            "batch": batch,
             "pages": result.pages,
             "height": result.height,
             "width": result.width,
         }
 
     def check(self, params: dict[str, Any]) -> None:
-        """Raise BadParameter for routing options no image could satisfy (at submission)."""
-        self.model.route(_choice(params), self._plan(self.tile, self.tile))
+        """Raise BadParameter for routing options no image could satisfy, ModelNotFound for an
+        unknown model (at submission, on the event loop)."""
+        self._route(self.registry.engine(params.get("model")), params, self.tile, self.tile)
 
-    def _plan(self, height: int, width: int) -> Plan:
-        side = self.model.manifest.preprocessing.multiple
-        h, w = -(-height // side) * side, -(-width // side) * side
-        tiles = count(h, w, self.tile, self.overlap)
-        return Plan(h, w, tiles, self.tile, min(self.tile, h) * min(self.tile, w))
+    def _route(self, engine: Engine, params: dict[str, Any], height: int, width: int) -> Route:
+        """A graph of the engine (a whole slide does not run the adaptive cascade)."""
+        how = slide.plan(
+            height, width, engine.model.manifest.preprocessing, self.tile, self.overlap
+        )
+        graphs = [runner.graph for runner in engine.runners.values()]
+        return choose(
+            pipeline.candidates(graphs, how, engine.predictor.predict),
+            _choice(params),
+            default_mode=engine.settings.default_mode,
+            fast_tolerance=engine.settings.fast_tolerance,
+        )
+
+    def _on_loop(self, function: Callable[..., T], *args: Any) -> T:
+        async def call() -> T:
+            return function(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
+
+    @contextlib.contextmanager
+    def _lease(self, model: str | None) -> Iterator[Engine]:
+        lease = self.registry.lease(model)
+        engine = self._on_loop(lease.__enter__)
+        try:
+            yield engine
+        finally:
+            self._on_loop(lease.__exit__, None, None, None)
+
+    def _budgeted(
+        self, runner: Runner, budget: MemoryBudget, per_pixel: int
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        async def take(cost: int) -> None:
+            while not budget.room(cost, 1):
+                await budget.freed()
+            budget.take(cost)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            n, _, h, w = batch.shape
+            cost = per_pixel * n * h * w
+            asyncio.run_coroutine_threadsafe(take(cost), self.loop).result()
+            try:
+                return runner(batch)
+            finally:
+                self.loop.call_soon_threadsafe(budget.release, cost)
+
+        return run
 
 
 CHOICE_FIELDS = tuple(f.name for f in fields(Choice))
@@ -535,19 +594,6 @@ CHOICE_FIELDS = tuple(f.name for f in fields(Choice))
 
 def _choice(params: dict[str, Any]) -> Choice:
     return Choice(**{f: params[f] for f in CHOICE_FIELDS if f in params})
-
-
-def _one_model(models: Path | None, name: str | None) -> Path:
-    if models is not None and (models / "model.json").exists():
-        return models
-    found = sorted(p.parent for p in (models.glob("*/model.json") if models else ()))
-    if name is not None and models is not None and (models / name / "model.json").exists():
-        return models / name
-    if name is None and len(found) == 1:
-        return found[0]
-    raise ModelRepositoryError(
-        f"jobs run one model: {models} holds {[p.name for p in found]}; set UNETPP_DEFAULT_MODEL"
-    )
 
 
 class Jobs:
@@ -566,24 +612,24 @@ class Jobs:
 
     @classmethod
     def from_settings(
-        cls,
-        settings: JobSettings,
-        models: Path | None,
-        default_model: str | None = None,
-        process: Process | None = None,
+        cls, settings: JobSettings, registry: Registry, process: Process | None = None
     ) -> Jobs | None:
         """None when no jobs directory is configured. Without `process`, jobs run SlideJobs on
-        the model `models` holds (its own sessions): the repository itself, or its model
-        `default_model`, or its only model."""
+        the registry's models, claimed only while the registry is ready (called on the event
+        loop)."""
         if settings.dir is None:
             return None
-        check = None
-        if process is None:
-            model = LocalModel.open(_one_model(models, default_model))
-            process = SlideJobs(model, settings.tile_size, settings.tile_overlap, settings.batch)
-            check = process.check
         store = JobStore(settings)
-        return cls(store, JobWorker(store, process), check)
+        if process is not None:
+            return cls(store, JobWorker(store, process))
+        slides = SlideJobs(
+            registry,
+            asyncio.get_running_loop(),
+            settings.tile_size,
+            settings.tile_overlap,
+            settings.batch,
+        )
+        return cls(store, JobWorker(store, slides, lambda: registry.ready), slides.check)
 
     async def start(self) -> None:
         await self.worker.start()

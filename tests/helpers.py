@@ -5,11 +5,13 @@ torch on one thread."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ import numpy as np
 import uvicorn
 import yaml
 
+from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import sha256_file
 from unetpp.server.app import create_app
 from unetpp.server.settings import Settings
 
@@ -159,3 +163,112 @@ K8S_VERSION = "1.33"
 def documents(name: str) -> list[dict]:
     """The YAML documents of one manifest file of docker/k8s/."""
     return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+# Whole slides (core/slide.py through `unetpp predict` and jobs): tiled TIFFs, and their result
+# against in-memory inference.
+def write_slide(path: Path, *pages: np.ndarray, bigtiff: bool = True) -> Path:
+    """`pages` as one tiled, zlib-compressed (Big)TIFF, one page each, as scanners write."""
+    import tifffile
+
+    tifffile.imwrite(path, np.stack(pages), bigtiff=bigtiff, tile=(128, 128), compression="zlib")
+    return path
+
+
+def away_from_seams(length: int, tile: int, overlap: int) -> np.ndarray:
+    """Pixels of an axis at least `overlap` from every window edge inside it."""
+    from unetpp.core.tiling import starts
+
+    edges = {e for s in starts(length, tile, overlap) for e in (s, s + tile)} - {0, length}
+    pixels = np.arange(length)
+    return np.all([np.abs(pixels - e) >= overlap for e in edges], axis=0)
+
+
+def check_slide_result(
+    repository: Path, graph: str, pages: list[np.ndarray], result: Path, tile: int, overlap: int
+) -> None:
+    """A whole slide's result (a tiled BigTIFF, a page per page) equals in-memory tiled
+    inference of each page exactly, and whole-image inference away from the window seams."""
+    import tifffile
+
+    from unetpp.core.pipeline import LocalModel
+    from unetpp.core.tiling import infer_tiled_sync
+
+    with tifffile.TiffFile(result) as tif:
+        assert tif.is_bigtiff and all(p.is_tiled for p in tif.pages)
+        masks = [p.asarray() for p in tif.pages]
+    assert len(masks) == len(pages)
+    model = LocalModel.open(repository, threads=1)
+    g = model.graphs[graph]
+    for image, mask in zip(pages, masks, strict=True):
+        prepared = model.prepare(image)
+        h, w = prepared.size
+        tiled = infer_tiled_sync(prepared.x, lambda x: model.run(g, x), tile=tile, overlap=overlap)
+        np.testing.assert_array_equal(mask, model.manifest.task.labels(tiled)[:h, :w])
+        whole = model.manifest.task.labels(model.run(g, prepared.x))[:h, :w]
+        core = away_from_seams(prepared.x.shape[1], tile, overlap)[:h, None]
+        core = core & away_from_seams(prepared.x.shape[2], tile, overlap)[None, :w]
+        assert mask[core].mean() > 0.05 and (mask[core] == whole[core]).mean() >= 0.995
+
+
+# Model repositories edited as a re-export or a broken one would leave them, and a server of
+# several models (tests/server/test_models.py, tests/cli/test_models_cli.py).
+def edit_manifest(repository: Path, edit: Callable[[dict], None]) -> None:
+    path = repository / "model.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def replace_graph(repository: Path, name: str, content: bytes) -> None:
+    """Overwrite graph `name`'s file and record its new hash, as a re-export would."""
+    (repository / f"{name}.onnx").write_bytes(content)
+    digest = sha256_file(repository / f"{name}.onnx")
+
+    def rehash(data: dict) -> None:
+        for graph in data["graphs"]:
+            if graph["file"] == f"{name}.onnx":
+                graph["sha256"] = digest
+
+    edit_manifest(repository, rehash)
+
+
+def corrupt_graph(repository: Path) -> None:
+    replace_graph(repository, "L2", b"\x08\x07 not a protobuf " * 64)
+
+
+def keep_graphs(repository: Path, names: set[str]) -> None:
+    edit_manifest(
+        repository,
+        lambda data: data.update(graphs=[g for g in data["graphs"] if g["name"] in names]),
+    )
+
+
+def build_models_folder(repository: Path, root: Path) -> Path:
+    """Three copies of `repository` in `root`: nuclei (every graph), cells (L1 and L2 only),
+    broken (a corrupt L2)."""
+    for name in ("nuclei", "cells", "broken"):
+        shutil.copytree(repository, root / name)
+    keep_graphs(root / "cells", {"L1", "L2"})
+    corrupt_graph(root / "broken")
+    return root
+
+
+def model_states(server: LiveServer) -> dict[str, str]:
+    return {m["name"]: m["state"] for m in server.client.get("/v1/models").json()["models"]}
+
+
+def wait_loaded(server: LiveServer, timeout: float = 60) -> None:
+    """Until no model of the server is loading (each is ready, failed or unloaded)."""
+    deadline = time.monotonic() + timeout
+    while "loading" in model_states(server).values():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def post_image(server: LiveServer, path: str, **params) -> httpx.Response:
+    """A small synthetic PNG posted to `path` with these query parameters."""
+    image = encode_png(synthetic(64, 96))
+    return server.client.post(
+        path, content=image, params=params, headers={"content-type": "image/png"}
+    )

@@ -198,6 +198,7 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     "segment files, folders, globs and multi-page TIFFs, here (onnxruntime) or on a server",
 )
 def _predict(p: argparse.ArgumentParser) -> None:
+    from unetpp.core.imageio import DEFAULT_MAX_PIXELS
     from unetpp.core.routing import Mode
     from unetpp.core.tiling import TILE_ABOVE_PIXELS, TILE_OVERLAP, TILE_SIZE
     from unetpp.predict import parse_shard, positive
@@ -232,6 +233,22 @@ def _predict(p: argparse.ArgumentParser) -> None:
         type=int,
         default=TILE_ABOVE_PIXELS,
         help=f"tile images larger than this (default {TILE_ABOVE_PIXELS})",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=positive,
+        default=DEFAULT_MAX_PIXELS,
+        help="decode images up to this whole; a TIFF with a larger page (and any BigTIFF or "
+        f"OME-TIFF) is a whole slide, streamed (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--batch", type=positive, default=4, help="a whole slide's windows per run (default 4)"
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=positive,
+        metavar="BYTES",
+        help="here: keep activations under this (default: the cgroup's limit, else none)",
     )
 
 

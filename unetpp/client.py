@@ -20,11 +20,13 @@ Every error answer raises `APIError` with the status, the error code and the det
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import io
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +39,7 @@ from PIL import Image
 from unetpp.server.tensors import DATATYPES, HEADER_LENGTH, datatype_of
 
 T = TypeVar("T")
+CHUNK = 1 << 20  # bytes per read of a streamed upload or download
 ImageInput = str | Path | bytes | np.ndarray
 Format = Literal["png", "json", "overlay", "probabilities"] | str  # servers may add formats
 
@@ -109,6 +112,10 @@ class SegmentOptions(RouteOptions, total=False):
     encoding: str  # format=probabilities: png16 or npy
 
 
+class JobOptions(RouteOptions, total=False):
+    model: str | None  # None: the server's default model
+
+
 class InferOptions(RouteOptions, total=False):
     version: str | None  # a graph (L1, L4.int8, ...): no routing
     outputs: tuple[str, ...] | None  # of logits, probabilities, mask (default: all three)
@@ -163,6 +170,7 @@ class Call(Generic[T]):
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     safe: bool = True  # no side effects: may be sent again after a lost connection
+    upload: Path | None = None  # a file streamed as the body (blocking Client only)
 
 
 def decode_body(content: bytes, media_type: str) -> np.ndarray | None:
@@ -259,6 +267,26 @@ def segment_call(image: ImageInput, options: SegmentOptions) -> Call[SegmentResu
         content=content,
         headers={"content-type": content_type},
     )
+
+
+def job_call(path: str | Path, options: JobOptions) -> Call[Any]:
+    """POST /v1/jobs: the TIFF at `path`, streamed."""
+    params = {k: v for k, v in options.items() if v is not None}
+    return Call(
+        "POST",
+        "/v1/jobs",
+        read_json,
+        params=params,
+        headers={"content-type": "image/tiff"},
+        safe=False,
+        upload=Path(path),
+    )
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
 
 
 def infer_call(model: str, inputs: np.ndarray, options: InferOptions) -> Call[InferResult]:
@@ -400,7 +428,7 @@ class _Base:
             "method": call.method,
             "url": call.path,
             "params": call.params,
-            "content": call.content,
+            "content": _chunks(call.upload) if call.upload else call.content,
             "headers": call.headers,
         }
 
@@ -475,6 +503,60 @@ class Client(_Base):
     def reload(self) -> Any:
         """Reload every model of the server's repository (as SIGHUP does)."""
         return self.send(_model_control("reload"))
+
+    def submit_job(self, path: str | Path, **options: Unpack[JobOptions]) -> dict[str, Any]:
+        """Submit a whole-slide TIFF as a job (streamed from disk); the job, queued."""
+        return self.send(job_call(path, options))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.send(Call("GET", f"/v1/jobs/{job_id}", read_json))
+
+    def cancel_job(self, job_id: str) -> Any:
+        """Cancel a queued or running job (the job), or delete a finished one (None)."""
+        return self.send(Call("DELETE", f"/v1/jobs/{job_id}", read_optional_json, safe=False))
+
+    def job_result(self, job_id: str, target: str | Path) -> Path:
+        """Stream a done job's result (a tiled BigTIFF) into `target`."""
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+            if not response.is_success:
+                response.read()
+                raise api_error(response)
+            with Path(target).open("wb") as out:
+                for chunk in response.iter_bytes(CHUNK):
+                    out.write(chunk)
+        return Path(target)
+
+    def run_job(
+        self,
+        path: str | Path,
+        target: str | Path,
+        *,
+        poll_s: float = 1.0,
+        progress: Callable[[int, int], None] | None = None,
+        **options: Unpack[JobOptions],
+    ) -> dict[str, Any]:
+        """Submit, poll (`progress(windows done, total)`), and write the result to `target`
+        (through `<target>.partial`, renamed when whole). A job that fails or is cancelled raises
+        APIError `job_failed` or `job_cancelled` with its reason; an interruption (Ctrl-C)
+        cancels the job. Returns the finished job."""
+        job = self.submit_job(path, **options)
+        try:
+            while job["state"] not in ("done", "failed", "cancelled"):
+                time.sleep(poll_s)
+                job = self.job(job["id"])
+                if progress is not None:
+                    progress(job["progress"]["done"], job["progress"]["total"])
+        except BaseException:
+            with contextlib.suppress(APIError):
+                self.cancel_job(job["id"])
+            raise
+        if job["state"] != "done":
+            error = job["error"] or "cancelled on the server"
+            raise APIError(200, f"job_{job['state']}", f"job {job['id']}: {error}")
+        partial = Path(f"{target}.partial")
+        self.job_result(job["id"], partial)
+        os.replace(partial, target)
+        return job
 
 
 class AsyncClient(_Base):

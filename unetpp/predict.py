@@ -3,9 +3,12 @@ locally on a model repository (core.pipeline, onnxruntime, no torch) or against 
 (unetpp.client). docs/predict.md is the user's page.
 
 Every image becomes one output `DIR/<relative path without suffix>[_p<k>].<ext>` (k: the page
-of a multi-page TIFF, from 0). An output is written to a temporary name and renamed, so one
-that exists is complete: a second run skips it, and an interrupted run resumes. `--shard i/N`
-keeps the files whose position in the sorted list of relative paths is i modulo N.
+of a multi-page TIFF, from 0). A whole slide (a BigTIFF or OME-TIFF, or a TIFF with a page above
+`--max-pixels`) is never decoded whole: core/slide.py streams it here, a server's jobs API there,
+into one tiled BigTIFF label image `DIR/<relative path without suffix>.tif`. An output is
+written to a temporary name and renamed, so one that exists is complete: a second run skips
+it, and an interrupted run resumes. `--shard i/N` keeps the files whose position in the sorted
+list of relative paths is i modulo N.
 """
 
 from __future__ import annotations
@@ -22,13 +25,18 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from unetpp.core.errors import BadParameter, ImageDecodeError, UNetPPError
 from unetpp.core.routing import Choice
+
+if TYPE_CHECKING:
+    from unetpp.core.pipeline import LocalModel, Tiling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # an output's extension from its media type; a run of one format writes one of them
@@ -40,6 +48,11 @@ MEDIA_SUFFIXES = {
     "application/x-npy": ".npy",
 }
 PART = ".part"
+TIFF_SUFFIXES = (".tif", ".tiff")
+SLIDE_FORMATS = ("png",)  # a whole slide's label image, written as a tiled BigTIFF
+HEADROOM = 0.2  # share of --memory-limit left for what the activations do not count
+MEMORY_MARGIN = 1.3  # a measured peak, scaled for the arena's growth in chunks (the server's)
+POLL_S = 0.5  # --server: how often a whole slide's job is asked for its progress
 
 
 class UsageError(BadParameter):
@@ -60,10 +73,11 @@ class Source:
 
 @dataclass(frozen=True)
 class Item:
-    """One image: a file, or one page of a multi-page TIFF."""
+    """One image: a file, one page of a multi-page TIFF, or a whole slide (every page)."""
 
     source: Source
     page: int | None = None
+    slide: bool = False
 
     @property
     def name(self) -> str:
@@ -84,6 +98,18 @@ class Item:
 class Output:
     content: bytes
     media_type: str
+
+
+Windows = Callable[[int, int], None]  # a whole slide's (windows done, windows in all)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How images run: `image(bytes)` -> its output; `slide(source, target, windows)` writes a
+    whole slide's label image to `target` (complete or not at all)."""
+
+    image: Callable[[bytes], Output]
+    slide: Callable[[Path, Path, Windows], None]
 
 
 def _glob_base(pattern: str) -> Path:
@@ -177,9 +203,33 @@ def tiff_page(path: Path, page: int) -> bytes:
         raise ImageDecodeError(f"unreadable page ({type(exc).__name__}: {exc})") from exc
 
 
-def items(sources: Iterable[Source]) -> list[Item]:
-    out = []
+def whole_slide(path: Path, max_pixels: int) -> bool:
+    """A BigTIFF or OME-TIFF, or a TIFF with a page of more than `max_pixels` pixels (False for
+    what tifffile cannot read: decoding it reports why)."""
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_bigtiff or tif.is_ome:
+                return True
+            if not tif.series:
+                return False
+            level = tif.series[0].levels[0]
+            return level.shape[level.axes.index("Y")] * level.shape[level.axes.index("X")] > (
+                max_pixels
+            )
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return False
+
+
+def items(sources: Iterable[Source], max_pixels: int) -> list[Item]:
+    out: list[Item] = []
     for source in sources:
+        if whole_slide(source.path, max_pixels):
+            out.append(Item(source, slide=True))
+            continue
         pages = tiff_pages(source.path)
         out.extend([Item(source)] if pages == 1 else [Item(source, k) for k in range(pages)])
     return out
@@ -191,8 +241,15 @@ def output_name(name: str, fmt: str, suffix: str) -> str:
     return name + suffix if suffix == f".{fmt}" else f"{name}.{fmt}{suffix}"
 
 
+def slide_output(out: Path, item: Item) -> Path:
+    return out / f"{item.name}.tif"
+
+
 def done(out: Path, item: Item, fmt: str) -> bool:
-    """Whether this item's output in this format exists (complete: see `write`)."""
+    """Whether this item's output in this format exists (complete: see `write`; a whole
+    slide's `.partial` is not its output)."""
+    if item.slide:
+        return slide_output(out, item).is_file()
     suffixes = set(MEDIA_SUFFIXES.values())
     return any((out / output_name(item.name, fmt, s)).is_file() for s in suffixes)
 
@@ -218,6 +275,7 @@ class Progress:
         self.start = time.monotonic()
         self.live = self.stream.isatty()
         self._lock = threading.Lock()
+        self._tenths: dict[str, int] = {}  # a whole slide's progress last printed (off a tty)
 
     def line(self) -> str:
         seen = sum(self.counts.values())
@@ -234,6 +292,19 @@ class Progress:
             if self.live:
                 print(f"\r{self.line()}", end="", file=self.stream, flush=True)
 
+    def windows(self, item: Item, done: int, total: int) -> None:
+        """A whole slide's windows: on a terminal in the redrawn line, elsewhere a line at each
+        tenth."""
+        with self._lock:
+            if self.live:
+                slide = f" | {item.where}: {done}/{total} windows"
+                print(f"\r\x1b[K{self.line()}{slide}", end="", file=self.stream, flush=True)
+                return
+            tenth = 10 * done // max(total, 1)
+            if tenth > self._tenths.get(item.name, -1):
+                self._tenths[item.name] = tenth
+                print(f"{item.where}: {done}/{total} windows", file=self.stream, flush=True)
+
     def finish(self) -> None:
         print(f"\r\x1b[K{self.line()}" if self.live else self.line(), file=self.stream)
 
@@ -242,22 +313,24 @@ def choice_of(args: argparse.Namespace) -> Choice:
     return Choice(args.level, args.mode, args.max_latency_ms, args.min_iou, args.precision)
 
 
-def local_runner(args: argparse.Namespace) -> Callable[[bytes], Output]:
-    """Decode -> the pipeline -> render, on this machine."""
+def local_runner(args: argparse.Namespace) -> Runner:
+    """Decode -> the pipeline -> render, on this machine; whole slides through core/slide.py;
+    each image's activations within its share of the memory limit (`bounded`)."""
     from unetpp.core.imageio import decode_image
-    from unetpp.core.pipeline import LocalModel, Tiling
+    from unetpp.core.pipeline import LocalModel
     from unetpp.core.render import render
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    tiles = Tiling(args.tile_above_pixels, args.tile_size, args.tile_overlap)
-    model = LocalModel.open(repository(args.models, args.model), threads=threads, tiles=tiles)
-    choice = choice_of(args)
+    model = LocalModel.open(repository(args.models, args.model), threads=threads)
     task = model.manifest.task
     if args.format not in task.formats:
         raise UsageError(f"format {args.format!r}: this model answers {', '.join(task.formats)}")
+    tiles, batch = bounded(model, args)
+    model = LocalModel(model.directory, model.manifest, model.sessions, tiles=tiles)
+    choice = choice_of(args)
 
     def run(data: bytes) -> Output:
-        prediction = model.predict(decode_image(data), choice)
+        prediction = model.predict(decode_image(data, max_pixels=args.max_pixels), choice)
         rendered = render(
             task, prediction.logits, prediction.image, args.format, encoding=args.encoding
         )
@@ -283,7 +356,80 @@ def local_runner(args: argparse.Namespace) -> Callable[[bytes], Output]:
             return Output(json.dumps(body).encode(), rendered.media_type)
         return Output(rendered.content, rendered.media_type)
 
+    return Runner(run, local_slides(model, choice, batch))
+
+
+def local_slides(
+    model: LocalModel, choice: Choice, batch: int
+) -> Callable[[Path, Path, Windows], None]:
+    """A whole slide through core/slide.py on the graph `choice` routes its first page's plan
+    to (as the server's jobs do), `batch` windows per run."""
+    from unetpp.core import slide
+    from unetpp.core.inference import run_batch
+
+    tiles = model.tiles
+    preprocessing = model.manifest.preprocessing
+
+    def run(source: Path, target: Path, windows: Windows) -> None:
+        with slide.open_slide(source) as pages:
+            page = pages[0]
+        how = slide.plan(page.height, page.width, preprocessing, tiles.size, tiles.overlap)
+        graph = model.graphs[model.route(choice, how).graph]
+        session = model.sessions[graph.file]
+        slide.segment_slide(
+            source,
+            target,
+            lambda x: run_batch(session, x, graph.output),
+            preprocessing=preprocessing,
+            decide=model.manifest.task.labels,
+            tile=tiles.size,
+            overlap=tiles.overlap,
+            batch=batch,
+            progress=windows,
+        )
+
     return run
+
+
+def bounded(model: LocalModel, args: argparse.Namespace) -> tuple[Tiling, int]:
+    """The tiling, and a whole slide's windows per run, that keep each image in flight within
+    its share of --memory-limit (default: the cgroup's limit; without either, the options as
+    given): the limit less HEADROOM and what the process holds with the model open, split over
+    --jobs. Images whose activations would pass it are tiled, and the tile halved until one
+    window fits (UsageError when none does)."""
+    from unetpp.core.pipeline import Tiling
+    from unetpp.server import memory
+
+    asked = Tiling(args.tile_above_pixels, args.tile_size, args.tile_overlap)
+    limit = args.memory_limit or memory.cgroup_limit()
+    if limit is None:
+        return asked, args.batch
+    budget = (int(limit * (1 - HEADROOM)) - memory.resident()) // args.jobs
+    per_pixel = bytes_per_pixel(model)
+    pixels = max(budget, 0) // per_pixel
+    tile = args.tile_size
+    while tile * tile > pixels:
+        tile = tile // 2 // 16 * 16
+        if tile <= 2 * args.tile_overlap:
+            raise UsageError(
+                f"a memory limit of {limit} bytes leaves {budget} per image in flight: not "
+                f"enough for a window ({per_pixel} bytes per pixel); raise --memory-limit or "
+                "lower --jobs"
+            )
+    tiles = Tiling(min(args.tile_above_pixels, pixels), tile, args.tile_overlap)
+    return tiles, max(1, min(args.batch, pixels // (tile * tile)))
+
+
+def bytes_per_pixel(model: LocalModel) -> int:
+    """The most activation bytes per input pixel any graph takes, measured like the server's
+    probe (one run at the manifest's reference size, the rise of resident memory, a margin for
+    the arena's growth in chunks)."""
+    from unetpp.server import memory
+
+    size = model.manifest.reference_size
+    x = np.zeros((model.manifest.in_channels, size, size), np.float32)
+    peaks = [memory.peak_during(lambda g=g: model.run(g, x)) for g in model.graphs.values()]
+    return int(MEMORY_MARGIN * max(p or 0 for p in peaks) / size**2) + 1
 
 
 def repository(models: str, name: str | None) -> Path:
@@ -301,8 +447,9 @@ def repository(models: str, name: str | None) -> Path:
     raise UsageError(f"{root} holds several models ({', '.join(names)}): choose one with --model")
 
 
-def server_runner(args: argparse.Namespace) -> Callable[[bytes], Output]:
-    """Send each image to the server's /v1 segmentation (retrying on 503)."""
+def server_runner(args: argparse.Namespace) -> Runner:
+    """Send each image to the server's /v1 segmentation (retrying on 503), and each whole slide
+    to its jobs API (submit, poll, fetch the result)."""
     from unetpp.client import APIError, Client
 
     client = Client(args.server, api_key=args.api_key or os.environ.get("UNETPP_API_KEY"))
@@ -329,17 +476,33 @@ def server_runner(args: argparse.Namespace) -> Callable[[bytes], Output]:
         result = client.segment(data, **options)  # type: ignore[arg-type]
         return Output(result.content, result.media_type)
 
-    return run
+    routing = ("model", "level", "mode", "max_latency_ms", "min_iou", "precision")
+    job = {k: options[k] for k in routing}  # no deadline: a job has a time to live instead
+
+    def slide(source: Path, target: Path, windows: Windows) -> None:
+        client.run_job(source, target, poll_s=POLL_S, progress=windows, **job)  # type: ignore[arg-type]
+
+    return Runner(run, slide)
 
 
 def process(
-    run: Callable[[bytes], Output], out: Path, fmt: str, item: Item
+    runner: Runner, out: Path, fmt: str, item: Item, progress: Progress
 ) -> tuple[str, str | None]:
     """(outcome, message) of one item; a failure is one line, never an exception."""
     from unetpp.client import APIError
 
+    if item.slide and fmt not in SLIDE_FORMATS:
+        return "failed", (
+            f"{item.where}: a whole slide is written only as a tiled BigTIFF label image "
+            f"(--format png, the default), not as --format {fmt}"
+        )
     try:
-        write(out, item, fmt, run(item.read()))
+        if item.slide:
+            target = slide_output(out, item)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            runner.slide(item.source.path, target, partial(progress.windows, item))
+        else:
+            write(out, item, fmt, runner.image(item.read()))
     except BadParameter:
         raise  # the same for every image: the run stops
     except APIError as exc:
@@ -357,13 +520,13 @@ def process(
 
 def predict(
     todo: Sequence[Item],
-    run: Callable[[bytes], Output],
+    runner: Runner,
     out: Path,
     args: argparse.Namespace,
     progress: Progress,
 ) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(process, run, out, args.format, item) for item in todo]
+        futures = [pool.submit(process, runner, out, args.format, i, progress) for i in todo]
         try:
             for future in as_completed(futures):
                 outcome, message = future.result()
@@ -382,13 +545,13 @@ def main(args: argparse.Namespace) -> int:
     if sum(v is not None for v in routes) > 1:
         raise UsageError("give at most one of --level, --mode, --max-latency-ms, --min-iou")
     sources = shard(collect(args.inputs), *args.shard)
-    todo = items(sources)
+    todo = items(sources, args.max_pixels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pending = [item for item in todo if not done(out, item, args.format)]
     progress = Progress(len(todo))
     progress.counts["skipped"] = len(todo) - len(pending)
-    run = (local_runner if args.models is not None else server_runner)(args)
-    predict(pending, run, out, args, progress)
+    runner = (local_runner if args.models is not None else server_runner)(args)
+    predict(pending, runner, out, args, progress)
     progress.finish()
     return 1 if progress.counts["failed"] else 0

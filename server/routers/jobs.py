@@ -44,6 +44,9 @@ NOT_FOUND = {404: {"description": "no such job (or expired), or the server runs 
 class JobParams(RouteParams):
     """The routing options of /v1/segment; the output is a tiled BigTIFF label image."""
 
+    model: str | None = Field(
+        None, description="a model this server holds (default: the one /v1/segment serves)"
+    )
     format: Literal["tiff"] = Field(
         "tiff", description="tiff: a tiled BigTIFF, uint8 labels (a mask is 0/1), one page per page"
     )

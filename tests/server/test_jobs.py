@@ -16,11 +16,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import tifffile
 
-from tests.helpers import synthetic
-from unetpp.core.pipeline import LocalModel
-from unetpp.core.tiling import infer_tiled_sync, starts
+from tests.helpers import check_slide_result, synthetic, write_slide
 
 from . import test_lifecycle as lifecycle
 
@@ -79,16 +76,9 @@ class Server:
 
 def tiff(*pages: np.ndarray) -> bytes:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"job-{os.getpid()}-{time.monotonic_ns()}.tif"
-    tifffile.imwrite(path, np.stack(pages), bigtiff=True, tile=(128, 128), compression="zlib")
-    data = path.read_bytes()
+    data = write_slide(path, *pages).read_bytes()
     path.unlink()
     return data
-
-
-def away_from_seams(length: int, margin: int = OVERLAP) -> np.ndarray:
-    edges = {e for s in starts(length, TILE, OVERLAP) for e in (s, s + TILE)} - {0, length}
-    pixels = np.arange(length)
-    return np.all([np.abs(pixels - e) >= margin for e in edges], axis=0)
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +113,7 @@ def test_a_slide_above_the_image_limit_runs_as_a_job(tiny_repository, tmp_path, 
         assert result.status_code == 200 and result.headers["content-type"] == "image/tiff"
         assert server.wait(second)["state"] == "done"
     (tmp_path / "out.tif").write_bytes(result.content)
-    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
-        assert tif.is_bigtiff and all(p.is_tiled for p in tif.pages)
-        masks = [p.asarray() for p in tif.pages]
-    model = LocalModel.open(tiny_repository)
-    graph = model.graphs["L3"]
-    for image, mask in zip(slide_pages, masks, strict=True):
-        prepared = model.prepare(image)
-        h, w = prepared.size
-        tiled = infer_tiled_sync(
-            prepared.x, lambda x: model.run(graph, x), tile=TILE, overlap=OVERLAP
-        )
-        np.testing.assert_array_equal(mask, model.manifest.task.labels(tiled)[:h, :w])
-        whole = model.manifest.task.labels(model.run(graph, prepared.x))[:h, :w]
-        core = away_from_seams(prepared.x.shape[1])[:h, None]
-        core = core & away_from_seams(prepared.x.shape[2])[None, :w]
-        assert mask[core].mean() > 0.05 and (mask[core] == whole[core]).mean() >= 0.995
+    check_slide_result(tiny_repository, "L3", slide_pages, tmp_path / "out.tif", TILE, OVERLAP)
 
 
 def test_cancel_expiry_limits_and_auth(tiny_repository, tmp_path, slide_pages):
@@ -251,3 +226,43 @@ def test_two_replicas_share_the_jobs_and_run_each_once(tiny_repository, tmp_path
     assert len(pids) == 2, runners  # both replicas ran jobs
     accepted = log.read_text().count(" running (attempt 1)")
     assert accepted == len(ids)  # each job started exactly once, in one of the two
+
+
+def in_use_bytes(client: httpx.Client) -> float:
+    metrics = client.get("/metrics").text
+    return float(
+        next(
+            m for m in metrics.splitlines() if m.startswith("unetpp_memory_in_use_bytes ")
+        ).split()[1]
+    )
+
+
+def test_a_job_runs_on_the_served_engine_through_a_reload_and_an_unload(tiny_repository, tmp_path):
+    """A job runs on the sessions that serve its model, leased: reloading and then unloading
+    the model while it runs leaves it running on the engine it took, to the end; its batches
+    hold the server's memory budget while they run; with the model unloaded a job is refused
+    (503) until it is loaded again."""
+    big = tiff(synthetic(1536, 1536))
+    with serve(tiny_repository, tmp_path / "jobs", tmp_path / "log") as server:
+        c = server.client
+        (model,) = [m["name"] for m in c.get("/v1/models").json()["models"]]
+        job_id = server.submit(big, level=4)
+        server.wait(job_id, until=("running",))
+        held = 0.0
+        while not held and server.job(job_id)["state"] == "running":
+            held = in_use_bytes(c)
+        assert held > 0, "no batch of the job was seen holding the memory budget"
+        assert c.post("/v1/admin/reload").status_code == 200
+        unloaded = c.post(f"/v2/repository/models/{model}/unload")
+        assert unloaded.status_code == 200, unloaded.text
+        job = server.wait(job_id)
+        assert job["state"] == "done" and job["attempts"] == 1, job
+        assert job["progress"]["done"] == job["progress"]["total"] and job["info"]["graph"] == "L4"
+        deadline = time.monotonic() + 60
+        while in_use_bytes(c):  # the job gave back what it took (the engines' calibration too)
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        refused = c.post("/v1/jobs", content=big, headers={"content-type": "image/tiff"})
+        assert refused.status_code == 503 and refused.json()["error"] == "model_unavailable"
+        assert c.post(f"/v2/repository/models/{model}/load").status_code == 200
+        assert server.wait(server.submit(big, level=1, model=model))["state"] == "done"
