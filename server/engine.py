@@ -44,8 +44,6 @@ UNMEASURED_BYTES_PER_PIXEL = 3200
 # A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
 # several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
 MEMORY_MARGIN = 1.3
-# the largest calibration run, in input pixels (batch x side x side): bounds its time and memory
-CALIBRATION_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -208,16 +206,24 @@ class Engine:
                 self._choose_tile(name, runs)
 
     def _tile_candidates(self, bytes_per_pixel: int) -> list[tuple[int, int]]:
-        """(side, batch) to measure: each side at batch 1, and at the largest batch up to
-        `max_batch` whose inputs hold at most CALIBRATION_PIXELS and fit the budget."""
+        """(side, batch) to measure: each side at batch 1 and at the largest batch up to
+        `max_batch` whose activations fit the tiles' room (a side that does not fit alone is
+        left out)."""
         if not self.settings.tile_sides:
             return [(self.settings.tile_size, 1)]
         out = []
         for side in self.settings.tile_sides:
-            room = self.budget.capacity // (bytes_per_pixel * side * side)
-            batch = min(self.settings.max_batch, CALIBRATION_PIXELS // (side * side), room)
-            out += [(side, 1)] + ([(side, batch)] if batch > 1 else [])
+            batch = min(self.settings.max_batch, self._tile_room // (bytes_per_pixel * side * side))
+            if batch >= 1:
+                out.append((side, 1))
+            if batch > 1:
+                out.append((side, batch))
         return out
+
+    @property
+    def _tile_room(self) -> int:
+        """Bytes of activations one image's tiles may hold at once."""
+        return min(self.budget.capacity, self.settings.tile_bytes)
 
     async def _measure(
         self, runner: Runner, side: int, batch: int, stop: threading.Event
@@ -248,7 +254,7 @@ class Engine:
             runs,
             overlap=self.settings.tile_overlap,
             bytes_per_pixel=figures.bytes_per_pixel,
-            room=self.budget.capacity,
+            room=self._tile_room,
         )
         if figures.tile is not None:
             tile = figures.tile
@@ -329,8 +335,8 @@ class Engine:
     def _plan_unmeasured(self, h: int, w: int) -> Plan:
         """Whole when small enough and its activations fit the memory budget; otherwise tiled,
         with the largest tile (from `tile_size` down, halving) whose activations fit (the most
-        demanding graph's, as the graph is chosen after planning); ImageTooLarge (413) when not
-        even the smallest tile fits."""
+        demanding graph's, as the graph is chosen after planning), in batches that fit
+        `tile_bytes`; ImageTooLarge (413) when not even the smallest tile fits."""
         per_pixel = max(f.bytes_per_pixel for f in self.figures.values())
         capacity = self.budget.capacity
         if h * w <= self.settings.tile_above_pixels and h * w * per_pixel <= capacity:
@@ -340,7 +346,9 @@ class Engine:
         while True:
             pixels = min(tile, h) * min(tile, w)
             if pixels * per_pixel <= capacity:
-                return Plan(h, w, tiling.count(h, w, tile, overlap), tile, pixels)
+                batch = min(self.settings.max_batch, self._tile_room // (pixels * per_pixel))
+                count = tiling.count(h, w, tile, overlap)
+                return Plan(h, w, count, tile, pixels, max(batch, 1))
             smaller = tile // 2 // MULTIPLE * MULTIPLE
             if smaller <= 2 * overlap:
                 raise ImageTooLarge(
@@ -429,7 +437,7 @@ class Engine:
                 run,
                 tile=plan.tile,
                 overlap=self.settings.tile_overlap,
-                in_flight=plan.batch or 2 * self.settings.max_batch,
+                in_flight=plan.batch,
             )
         else:
             logits = await run(prepared.x)

@@ -39,6 +39,7 @@ class Tile(BaseModel):
     side: int = Field(description="the graph's tile side, chosen from its measured runs")
     batch: int = Field(description="tiles of one image run together")
     us_per_output_pixel: float = Field(description="measured, per new pixel given the overlap")
+    runs: dict[str, float] = Field(description="'<batch>x<side>' -> ms of each measured run")
 
 
 class Served(BaseModel):
@@ -187,6 +188,7 @@ def _graph(engine: Engine, name: str, reference: Plan) -> GraphInfo:
             us_per_output_pixel=round(
                 1000.0 * figures.tile.ms_per_pixel(engine.settings.tile_overlap), 4
             ),
+            runs={f"{r.batch}x{r.side}": round(r.ms, 3) for r in figures.tile_runs},
         ),
         served=Served(
             requests=figures.requests,

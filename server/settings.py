@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         "at batch 1 and the batch that fits; each graph then tiles at its fastest per output "
         "pixel (docs/big-images.md); empty: always `tile_size`",
     )
+    tile_bytes: int = Field(
+        512 << 20,
+        ge=1,
+        description="activation bytes one image's tiles may hold at once: a graph's tile side "
+        "and batch are chosen within it (and only runs within it are measured)",
+    )
     tile_overlap: int = Field(
         64, ge=0, description="overlap of neighbouring tiles, a multiple of 16, under half a tile"
     )

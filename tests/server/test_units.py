@@ -293,8 +293,8 @@ def test_a_deadline_already_passed_is_refused_before_inference():
     assert session(engine, "L1").batches == [1, 1]  # the probe's two runs only
 
 
-def memory_engine(capacity: int, bytes_per_pixel: int = 1000) -> Engine:
-    engine = engine_for(capacity=capacity)
+def memory_engine(capacity: int, bytes_per_pixel: int = 1000, **overrides) -> Engine:
+    engine = engine_for(capacity=capacity, **overrides)
     for figures in engine.figures.values():
         figures.bytes_per_pixel = bytes_per_pixel
     return engine
@@ -359,6 +359,16 @@ def test_refine_measures_each_tile_side_and_batch_and_chooses_from_them():
     )
 
 
+def test_tile_bytes_bound_the_measured_runs_and_the_batches_before_they_are_measured():
+    room = 1000 * 64 * 64 * 3  # three 64x64 windows at 1000 bytes per pixel
+    engine = memory_engine(1 << 30, tile_bytes=room, tile_sides=(48, 64, 112), tile_above_pixels=1)
+    assert engine._tile_candidates(1000) == [(48, 1), (48, 5), (64, 1), (64, 3)]
+    plan = engine.plan(engine.preprocess(image(256, 256)))  # unmeasured: tile_size, 128
+    assert (plan.tile, plan.batch) == (128, 1)  # a 128x128 window alone passes tile_bytes
+    engine = memory_engine(1 << 30, tile_bytes=room, tile_size=48, tile_above_pixels=1)
+    assert engine.plan(engine.preprocess(image(256, 256))).batch == 5
+
+
 def test_each_graph_tiles_at_its_own_measured_tile_and_batch():
     """L4 measured fastest per output pixel at 48 px in batches of 2 (given figures), L1 at 96
     px alone; the other graphs are unmeasured and keep `tile_size` (128). A 256x256 image on
@@ -419,7 +429,7 @@ def test_a_model_whose_load_fails_leaves_the_other_serving(tmp_path: Path, monke
         text = json.dumps(manifest(name).to_dict())
         (tmp_path / name / MANIFEST_NAME).write_text(text)
 
-    def load_model(directory: Path, device, threads, memory_arena=True) -> LoadedModel:
+    def load_model(directory: Path, device, threads, memory_arena, backend) -> LoadedModel:
         if directory.name == "broken":
             raise ModelRepositoryError(f"{directory.name}/L1.onnx: sha256 mismatch")
         return loaded(directory, directory.name)
