@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,8 +115,11 @@ def _to_array(img: Image.Image, name: str) -> np.ndarray:
     raise UnsupportedImage(f"{name}: unexpected pixel layout {arr.shape}")
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 or uint16, HxW or HxWx3/4, to PNG bytes."""
+def encode_png(array: np.ndarray, *, labels: bool = False) -> bytes:
+    """uint8 or uint16, HxW or HxWx3/4, to PNG bytes. `labels`: a mask or label map (few values
+    in long runs), compressed with zlib level 1 and run-length matching (Z_RLE): 2-7x faster
+    than the default level 6 and smaller on such images (benchmarks/REPORT.md, `overhead`)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    options = {"compress_level": 1, "compress_type": zlib.Z_RLE} if labels else {}
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", **options)
     return buf.getvalue()

@@ -44,7 +44,7 @@ class Rendered:
 
 def mask_png(mask: np.ndarray) -> bytes:
     """Boolean H x W -> 8-bit grey PNG, 0 background / 255 foreground."""
-    return encode_png(mask.astype(np.uint8) * np.uint8(255))
+    return encode_png(mask.view(np.uint8) * np.uint8(255), labels=True)
 
 
 def rle(mask: np.ndarray) -> list[int]:
@@ -138,7 +138,7 @@ def render(
         return _objects(task, logits, fmt)
     labels = task.labels(logits)
     if fmt == "png":
-        png = encode_png(labels) if task.multiclass else mask_png(labels > 0)
+        png = encode_png(labels, labels=True) if task.multiclass else mask_png(labels > 0)
         return Rendered(png, "image/png")
     if fmt == "json":
         body = labels_json(task, labels) if task.multiclass else mask_json(labels > 0)

@@ -2,9 +2,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unetpp.core.errors import InvalidInput
-from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple, to_channels
+from unetpp.core.preprocess import (
+    Preprocessing,
+    crop_to,
+    pad_to_multiple,
+    percentiles,
+    to_channels,
+)
 
 
 def test_pad_then_crop_is_identity_and_reaches_a_multiple() -> None:
@@ -31,6 +39,32 @@ def test_normalisation_is_bit_depth_independent() -> None:
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert np.percentile(a, 1) == pytest.approx(0, abs=1e-6)
     assert np.percentile(a, 99.8) == pytest.approx(1, abs=1e-6)
+
+
+PERCENT = st.one_of(
+    st.sampled_from([0.0, 0.5, 1.0, 50.0, 99.8, 100.0]),
+    st.floats(0, 100, allow_nan=False),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.tuples(st.sampled_from([1, 3]), st.integers(1, 40), st.integers(1, 40)),
+    top=st.sampled_from([1, 3, 255, 4095, 65535]),
+    offset=st.sampled_from([0.0, 0.0, 0.5, -1.0]),  # not 16-bit integers: numpy's own way
+    q=st.tuples(PERCENT, PERCENT),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_percentiles_are_numpys_to_the_bit(
+    shape: tuple[int, int, int], top: int, offset: float, q: tuple[float, float], seed: int
+) -> None:
+    """8/16-bit images take the histogram's way, other values np.percentile's: the same
+    float64 numbers either way (ties, the first and last value, a single pixel included)."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, top + 1, shape).astype(np.float32) + np.float32(offset)
+    if seed % 3 == 0:  # long runs of equal values
+        values = np.round(values / max(top // 3, 1)).astype(np.float32)
+    assert percentiles(values, q) == np.percentile(values, q).tolist()
 
 
 def test_constant_image_does_not_divide_by_zero() -> None:

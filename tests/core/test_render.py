@@ -7,8 +7,10 @@ import pytest
 from PIL import Image, ImageSequence
 
 from tests.helpers import unrle
+from unetpp.core.datasets import synthetic_image
 from unetpp.core.errors import BadParameter
-from unetpp.core.render import bbox, render, rle
+from unetpp.core.imageio import encode_png
+from unetpp.core.render import bbox, mask_png, render, rle
 from unetpp.core.task import Task
 
 
@@ -23,6 +25,17 @@ def test_rle_round_trips_and_starts_with_background():
         assert sum(counts) == mask.size
         np.testing.assert_array_equal(unrle(counts, mask.shape), mask)
     assert rle(np.ones((2, 2), bool)) == [0, 4]
+
+
+def test_masks_and_label_maps_encode_fast_and_exactly():
+    """Masks and label maps are written with zlib level 1 and run-length matching: the pixels
+    round-trip, and the file is no larger than the default level's on a segmentation."""
+    _, mask = synthetic_image(np.random.default_rng(0), 256)
+    png = mask_png(mask)
+    np.testing.assert_array_equal(_png(png), mask.astype(np.uint8) * 255)
+    assert len(png) <= len(encode_png(mask.astype(np.uint8) * 255))
+    labels = (mask * (np.arange(256) // 64 + 1)).astype(np.uint8)  # classes 1..4 by column
+    np.testing.assert_array_equal(_png(encode_png(labels, labels=True)), labels)
 
 
 def test_bbox():
