@@ -133,3 +133,27 @@ def test_core_and_cli_import_without_torch(run_without_torch) -> None:
     result = run_without_torch(code)
     assert result.returncode == 0, result.stderr
     assert "blocked" in result.stdout
+
+
+def test_bf16_entries_name_their_backend_and_schema_2_still_loads(tmp_path: Path) -> None:
+    manifest = _repo(tmp_path)
+    fp32 = manifest.graphs[0]
+    bf16 = replace(fp32, name="L1.bf16", precision="bf16", backend="openvino")
+    write_manifest(tmp_path, replace(manifest, graphs=(fp32, bf16)))
+    loaded = load_repository(tmp_path)
+    assert [(g.name, g.file, g.precision, g.backend) for g in loaded.graphs] == [
+        ("L1", "L1.onnx", "fp32", None),
+        ("L1.bf16", "L1.onnx", "bf16", "openvino"),
+    ]
+    path = tmp_path / "model.json"
+    data = json.loads(path.read_text())
+    v2 = {**data, "schema_version": 2, "graphs": [data["graphs"][0]]}  # written before bf16
+    del v2["graphs"][0]["backend"]
+    path.write_text(json.dumps(v2))
+    old = load_repository(tmp_path)
+    assert old.schema_version == 2 and old.graphs[0].backend is None
+    assert replace(old, schema_version=SCHEMA_VERSION) == manifest
+    with pytest.raises(ModelRepositoryError, match="bf16 graph needs backend openvino"):
+        replace(bf16, backend=None)
+    with pytest.raises(ModelRepositoryError, match="backend"):
+        replace(fp32, backend="tensorrt")
