@@ -812,6 +812,72 @@ with eight graphs; the load average says how far this shared CPU was from idle.
 """
 
 
+def tiles_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/tiles.py: per graph, cost per output pixel at each tile side; the large
+    request before and after."""
+    rates = d["rates"]
+    shapes = sorted(
+        {k for t in rates.values() for k in t["runs"]},
+        key=lambda k: tuple(int(v) for v in reversed(k.split("x"))),  # by side, then batch
+    )
+    overlap = d["overlap"]
+
+    def cell(graph: str, run: str) -> str:
+        t = rates[graph]
+        if run not in t["runs"]:
+            return "—"
+        batch, side = (int(v) for v in run.split("x"))
+        us = 1000.0 * t["runs"][run] / (batch * (side - overlap) ** 2)
+        chosen = (batch, side) == (t["batch"], t["side"])
+        return f"**{us:.2f}**" if chosen else f"{us:.2f}"
+
+    rates_table = md_table(
+        ["graph", *(f"{k.split('x')[1]}² × {k.split('x')[0]}" for k in shapes)],
+        [[g, *(cell(g, k) for k in shapes)] for g in rates],
+    )
+    requests = md_table(
+        ["graph", "server", "ns per pixel", "÷ best rate per output pixel", "÷ best raw rate",
+         "tile (side × batch)", "peak RSS MB (over the request)", "RSS at rest MB",
+         "load average (1 min) per run"],
+        [
+            [
+                r["graph"], f"{r['server']} (`{r['commit']}`)", f"**{r['ns_per_pixel']:.0f}**",
+                f"{r['ratio_to_best_output']:.2f}x", f"{r['ratio_to_best_raw']:.2f}x",
+                ", ".join(
+                    f"{x['tile']['side']}×{x['tile']['batch']}" if x["tile"] else "512×≤8"
+                    for x in r["runs"]
+                ),
+                f"**{r['peak_rss_mb']:,.0f}**",
+                ", ".join(f"{x['rss_rest_mb']}" for x in r["runs"]),
+                ", ".join(f"{x['load_average'][0]:.1f}" for x in r["runs"]),
+            ]
+            for r in d["requests"]
+        ],
+        "llrrrlrrr",
+    )  # fmt: skip
+    return f"""## Tiles per graph (`tiles`)
+
+{run_facts(d)}
+
+Repository `{d["models"]}` (full-width UNet++, untrained weights: time and memory do not depend
+on them). Microseconds per new output pixel (a window of side t adds (t - {overlap})² pixels to
+a large image) of each run the server's background calibration measured (side² × batch, at
+most `UNETPP_TILE_BYTES` of activations), read from `/v1/models`; bold: the tile it chose (the
+fastest, or within 10% of it the fewest activation bytes; — : not run, over the tile bytes).
+
+{rates_table}
+
+One {d["image"]} request on a fresh server holding that graph alone, after its background
+calibration; the peak resident set (VmHWM) is reset just before the request
+(`/proc/PID/clear_refs`), so it is the request's. *before* tiles at 512 in batches of up to
+8; the ratios divide the request's inference time per pixel by the graph's best measured
+rate, per output pixel (given the overlap; the goal: within 1.2x) and per input pixel. Medians
+of the rounds, interleaved.
+
+{requests}
+"""
+
+
 SECTIONS: dict[str, Renderer | None] = {
     "paper": paper_section,
     "pruning": pruning_section,
@@ -827,6 +893,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "backends": backends_section,
     "instances": instances_section,
     "startup": startup_section,
+    "tiles": tiles_section,
 }
 # stems rendered by one renderer under a shared heading
 GROUPS: dict[str, tuple[str, str, Renderer]] = {

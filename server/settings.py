@@ -151,6 +151,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"tile_size, tile_overlap and tile_sides must be multiples of {MULTIPLE}"
             )
-        if self.tile_overlap * 2 >= min(self.tile_size, *self.tile_sides):
+        if self.tile_overlap * 2 >= min(sides[:1] + sides[2:]):
             raise ValueError("tile_overlap must be less than half of tile_size and of tile_sides")
         return self

@@ -359,6 +359,17 @@ def test_refine_measures_each_tile_side_and_batch_and_chooses_from_them():
     )
 
 
+def test_tile_sides_come_from_the_environment_as_json_and_are_checked(monkeypatch):
+    monkeypatch.setenv("UNETPP_TILE_SIDES", "[256, 384]")
+    assert Settings().tile_sides == (256, 384)
+    monkeypatch.setenv("UNETPP_TILE_SIDES", "[]")
+    assert Settings().tile_sides == ()
+    for wrong in ("[100]", "[128]"):  # not a multiple of 16; not over twice the overlap (64)
+        monkeypatch.setenv("UNETPP_TILE_SIDES", wrong)
+        with pytest.raises(ValueError, match="tile_sides"):
+            Settings()
+
+
 def test_tile_bytes_bound_the_measured_runs_and_the_batches_before_they_are_measured():
     room = 1000 * 64 * 64 * 3  # three 64x64 windows at 1000 bytes per pixel
     engine = memory_engine(1 << 30, tile_bytes=room, tile_sides=(48, 64, 112), tile_above_pixels=1)
