@@ -10,24 +10,16 @@ import numpy as np
 import pytest
 import tifffile
 
+from tests.helpers import away_from_seams, synthetic
 from unetpp.core import slide
 from unetpp.core.errors import Cancelled, ImageDecodeError, ImageTooLarge
 from unetpp.core.imageio import decode_image
 from unetpp.core.inference import create_session, run_batch
 from unetpp.core.manifest import load_repository
 from unetpp.core.preprocess import pad_to_multiple, to_channels
-from unetpp.core.tiling import infer_tiled, starts
+from unetpp.core.tiling import infer_tiled
 
 TILE, OVERLAP = 128, 32
-
-
-def synthetic(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A 16-bit synthetic nuclei image (what the tiny model learnt) of any size."""
-    from unetpp.core.datasets import synthetic_image
-
-    image, _ = synthetic_image(np.random.default_rng(seed), 256)
-    reps = (-(-height // 256), -(-width // 256))
-    return np.ascontiguousarray(np.tile(image, reps)[:height, :width])
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +126,9 @@ def test_a_slide_above_the_in_memory_limit_equals_in_memory_inference(tmp_path, 
         tiled = asyncio.run(infer_tiled(x, run_one, tile=TILE, overlap=OVERLAP, in_flight=4))
         np.testing.assert_array_equal(mask, decide(tiled)[:h, :w])
         whole = decide(run(x[None])[0])[:h, :w]
-        core = away_from_seams(x.shape[1])[:h, None] & away_from_seams(x.shape[2])[None, :w]
+        core = away_from_seams(x.shape[1], TILE, OVERLAP)[:h, None]
+        core = core & away_from_seams(x.shape[2], TILE, OVERLAP)[None, :w]
         assert mask[core].mean() > 0.05 and (mask[core] == whole[core]).mean() >= 0.995
-
-
-def away_from_seams(length: int, margin: int = OVERLAP) -> np.ndarray:
-    """Pixels of an axis at least `margin` from every window edge inside the image."""
-    edges = {e for s in starts(length, TILE, OVERLAP) for e in (s, s + TILE)} - {0, length}
-    pixels = np.arange(length)
-    return np.all([np.abs(pixels - e) >= margin for e in edges], axis=0)
 
 
 def test_cancel_stops_between_batches_and_leaves_no_file(tmp_path, model):
