@@ -4,11 +4,22 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_WIDTHS, one_torch_thread, tiny_samples
+from tests.helpers import (
+    TINY_WIDTHS,
+    LiveServer,
+    build_models_folder,
+    one_torch_thread,
+    settings,
+    start,
+    stop,
+    tiny_samples,
+    wait_loaded,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -165,3 +176,18 @@ def tiny_classes_repository(
 ) -> Path:
     out = tmp_path_factory.mktemp("tiny_classes_repository") / "models"
     return _tiny_repository(tiny_classes_checkpoint, out, "synthetic-classes", "cells")
+
+
+@pytest.fixture(scope="module")
+def models_folder(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of three models: nuclei (every graph), cells (L1 and L2), broken (a corrupt L2)."""
+    return build_models_folder(tiny_repository, tmp_path_factory.mktemp("repository"))
+
+
+@pytest.fixture(scope="module")
+def several_models(models_folder: Path) -> Iterator[LiveServer]:
+    """A real server of `models_folder`, admin open, once every model is loaded or failed."""
+    server = start(settings(models_folder, admin_open=True), ready=False)
+    wait_loaded(server)
+    yield server
+    stop(server)

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import free_port, settings, start, stop
-from tests.server import test_models as shared
+from tests.helpers import free_port, model_states, post_image, settings, start, stop
 from unetpp.cli import main
-
-# the server of tests/server/test_models.py: nuclei, cells (L1 and L2), broken (admin open)
-folder, several = shared.folder, shared.several
-post, states = shared.post, shared.states
 
 
 def models(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
@@ -21,8 +16,8 @@ def models(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
     return code, out.splitlines(), err.splitlines()
 
 
-def test_list_shows_every_model_its_state_and_graphs(several, capsys):
-    code, out, err = models(capsys, "list", "--server", several.url)
+def test_list_shows_every_model_its_state_and_graphs(several_models, capsys):
+    code, out, err = models(capsys, "list", "--server", several_models.url)
     assert code == 0 and not err
     rows = {line.split()[0]: line for line in out}
     assert set(rows) == {"nuclei", "cells", "broken"}
@@ -31,35 +26,36 @@ def test_list_shows_every_model_its_state_and_graphs(several, capsys):
     assert rows["broken"].split()[1] == "failed" and "L2.onnx" in rows["broken"]
 
 
-def test_unload_then_load_one_model_while_the_others_serve(several, capsys):
-    code, out, _ = models(capsys, "unload", "cells", "--server", several.url)
+def test_unload_then_load_one_model_while_the_others_serve(several_models, capsys):
+    code, out, _ = models(capsys, "unload", "cells", "--server", several_models.url)
     assert (code, out) == (0, ["cells: UNAVAILABLE"])
-    assert states(several)["cells"] == "unloaded"
-    assert post(several, "/v1/models/cells/segment").status_code == 503
-    assert post(several, "/v1/models/nuclei/segment").status_code == 200
+    assert model_states(several_models)["cells"] == "unloaded"
+    assert post_image(several_models, "/v1/models/cells/segment").status_code == 503
+    assert post_image(several_models, "/v1/models/nuclei/segment").status_code == 200
 
-    code, out, _ = models(capsys, "load", "cells", "--server", several.url)
+    code, out, _ = models(capsys, "load", "cells", "--server", several_models.url)
     assert code == 0 and len(out) == 1 and out[0].startswith("cells: READY (version ")
-    assert post(several, "/v1/models/cells/segment").status_code == 200
+    assert post_image(several_models, "/v1/models/cells/segment").status_code == 200
 
 
-def test_reload_one_model(several, capsys):
-    before = several.client.get("/v1/models/nuclei").json()["loaded_at"]
-    code, out, _ = models(capsys, "reload", "nuclei", "--server", several.url)
+def test_reload_one_model(several_models, capsys):
+    before = several_models.client.get("/v1/models/nuclei").json()["loaded_at"]
+    code, out, _ = models(capsys, "reload", "nuclei", "--server", several_models.url)
     assert code == 0 and out[0].startswith("nuclei: READY")
-    assert several.client.get("/v1/models/nuclei").json()["loaded_at"] > before
+    assert several_models.client.get("/v1/models/nuclei").json()["loaded_at"] > before
 
 
-def test_reload_all_fails_on_one_line_when_a_model_cannot_load(several, capsys):
-    code, out, err = models(capsys, "reload", "--server", several.url)
+def test_reload_all_fails_on_one_line_when_a_model_cannot_load(several_models, capsys):
+    code, out, err = models(capsys, "reload", "--server", several_models.url)
     assert code == 1 and not out and len(err) == 1
     assert err[0].startswith("unetpp models reload: error: 422 load_failed: ")
     assert "broken" in err[0]
-    assert states(several)["nuclei"] == "ready" and states(several)["cells"] == "ready"
+    states = model_states(several_models)
+    assert states["nuclei"] == states["cells"] == "ready"
 
 
-def test_an_unknown_model_is_one_line_and_exit_1(several, capsys):
-    code, out, err = models(capsys, "load", "nope", "--server", several.url)
+def test_an_unknown_model_is_one_line_and_exit_1(several_models, capsys):
+    code, out, err = models(capsys, "load", "nope", "--server", several_models.url)
     assert code == 1 and not out
     detail = "no model 'nope'; models: broken, cells, nuclei"
     assert err == [f"unetpp models load: error: 404 model_not_found: {detail}"]

@@ -8,7 +8,6 @@ fails that request alone."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,39 +24,23 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.helpers import free_port, settings, start, stop, synthetic
+from tests.helpers import (
+    corrupt_graph,
+    edit_manifest,
+    free_port,
+    replace_graph,
+    settings,
+    start,
+    stop,
+    synthetic,
+)
 from unetpp.core.imageio import encode_png
-from unetpp.core.manifest import sha256_file
 
 from .test_http import failed_readiness
 
 
-def edit_manifest(repository: Path, edit: Callable[[dict], None]) -> None:
-    path = repository / "model.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def replace_graph(repository: Path, name: str, content: bytes) -> None:
-    """Overwrite graph `name`'s file and record its new hash, as a re-export would."""
-    (repository / f"{name}.onnx").write_bytes(content)
-    digest = sha256_file(repository / f"{name}.onnx")
-
-    def rehash(data: dict) -> None:
-        for graph in data["graphs"]:
-            if graph["file"] == f"{name}.onnx":
-                graph["sha256"] = digest
-
-    edit_manifest(repository, rehash)
-
-
 def missing_graph(repository: Path) -> None:
     (repository / "L3.onnx").unlink()
-
-
-def corrupt_graph(repository: Path) -> None:
-    replace_graph(repository, "L2", b"\x08\x07 not a protobuf " * 64)
 
 
 def newer_schema(repository: Path) -> None:

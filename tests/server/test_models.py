@@ -6,104 +6,63 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.helpers import LiveServer, settings, start, stop, synthetic
+from tests.helpers import model_states, post_image, settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
 
-from .test_faults import corrupt_graph, edit_manifest
 from .test_lifecycle import serve
 from .test_operations import scrape, value
 
 
-def keep_graphs(repository: Path, names: set[str]) -> None:
-    edit_manifest(
-        repository,
-        lambda data: data.update(graphs=[g for g in data["graphs"] if g["name"] in names]),
-    )
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_repository, tmp_path_factory) -> Path:
-    """nuclei: every graph; cells: L1 and L2 only; broken: a corrupt L2."""
-    root = tmp_path_factory.mktemp("repository")
-    for name in ("nuclei", "cells", "broken"):
-        shutil.copytree(tiny_repository, root / name)
-    keep_graphs(root / "cells", {"L1", "L2"})
-    corrupt_graph(root / "broken")
-    return root
-
-
-@pytest.fixture(scope="module")
-def several(folder) -> LiveServer:
-    server = start(settings(folder, admin_open=True), ready=False)
-    deadline = time.monotonic() + 60
-    while "loading" in states(server).values():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield server
-    stop(server)
-
-
-def states(server: LiveServer) -> dict[str, str]:
-    return {m["name"]: m["state"] for m in server.client.get("/v1/models").json()["models"]}
-
-
-def post(server: LiveServer, path: str, **params) -> httpx.Response:
-    image = encode_png(synthetic(64, 96))
-    return server.client.post(
-        path, content=image, params=params, headers={"content-type": "image/png"}
-    )
-
-
-def test_models_are_served_by_name_side_by_side(several):
-    listing = several.client.get("/v1/models").json()
+def test_models_are_served_by_name_side_by_side(several_models):
+    listing = several_models.client.get("/v1/models").json()
     assert listing["default"] is None
-    assert states(several) == {"broken": "failed", "cells": "ready", "nuclei": "ready"}
+    assert model_states(several_models) == {"broken": "failed", "cells": "ready", "nuclei": "ready"}
     graphs = {m["name"]: [g["name"] for g in m["graphs"]] for m in listing["models"]}
     assert graphs["cells"] == ["L1", "L2"] and "L4" in graphs["nuclei"]
     broken = next(m for m in listing["models"] if m["name"] == "broken")
     assert "L2.onnx" in broken["error"]
 
-    r = post(several, "/v1/models/nuclei/segment", level=4)
+    r = post_image(several_models, "/v1/models/nuclei/segment", level=4)
     assert r.status_code == 200 and r.headers["x-unetpp-model"] == "nuclei"
     assert r.headers["x-unetpp-graph"] == "L4"
-    r = post(several, "/v1/models/cells/segment", mode="accurate")
+    r = post_image(several_models, "/v1/models/cells/segment", mode="accurate")
     assert r.status_code == 200 and r.headers["x-unetpp-graph"] in {"L1", "L2"}
-    r = post(several, "/v1/models/cells/segment", level=4)
+    r = post_image(several_models, "/v1/models/cells/segment", level=4)
     assert (r.status_code, r.json()["error"]) == (422, "invalid_parameter")
-    # several models and no default: plain /v1/segment says to name one
-    r = post(several, "/v1/segment")
+    # several_models models and no default: plain /v1/segment says to name one
+    r = post_image(several_models, "/v1/segment")
     assert (r.status_code, r.json()["error"]) == (404, "model_not_found")
     assert "nuclei" in r.json()["detail"]
-    r = post(several, "/v1/models/broken/segment")  # no Retry-After: retrying will not help
+    r = post_image(
+        several_models, "/v1/models/broken/segment"
+    )  # no Retry-After: retrying will not help
     assert (r.status_code, r.json()["error"]) == (503, "model_unavailable")
     assert "retry-after" not in r.headers
-    assert post(several, "/v1/models/nope/segment").status_code == 404
+    assert post_image(several_models, "/v1/models/nope/segment").status_code == 404
     # the v2 protocol: models and their versions by name, readiness per model
-    assert several.client.get("/v2/models/cells/ready").status_code == 200
-    assert several.client.get("/v2/models/broken/ready").status_code == 503
-    assert several.client.get("/v2/models/cells/versions/L4").status_code == 404
-    assert several.client.get("/v2/models/nuclei").json()["versions"][-1] == "ensemble"
-    index = {m["name"]: m for m in several.client.post("/v2/repository/index").json()}
+    assert several_models.client.get("/v2/models/cells/ready").status_code == 200
+    assert several_models.client.get("/v2/models/broken/ready").status_code == 503
+    assert several_models.client.get("/v2/models/cells/versions/L4").status_code == 404
+    assert several_models.client.get("/v2/models/nuclei").json()["versions"][-1] == "ensemble"
+    index = {m["name"]: m for m in several_models.client.post("/v2/repository/index").json()}
     assert index["cells"]["state"] == "READY" and index["broken"]["state"] == "UNAVAILABLE"
     assert "L2.onnx" in index["broken"]["reason"]
     # readiness: no default model, and some model is ready
-    assert several.client.get("/readyz").status_code == 200
+    assert several_models.client.get("/readyz").status_code == 200
 
 
-def test_metrics_carry_the_model(several):
-    before = scrape(several.client)
+def test_metrics_carry_the_model(several_models):
+    before = scrape(several_models.client)
     for model in ("nuclei", "cells"):
-        assert post(several, f"/v1/models/{model}/segment", level=1).status_code == 200
-    after = scrape(several.client)
+        assert post_image(several_models, f"/v1/models/{model}/segment", level=1).status_code == 200
+    after = scrape(several_models.client)
     for model in ("nuclei", "cells"):
         labels = {"model": model, "graph": "L1"}
         assert (
@@ -119,14 +78,14 @@ def test_metrics_carry_the_model(several):
     assert ready == {"nuclei": 1.0, "cells": 1.0, "broken": 0.0}
 
 
-def test_unload_and_load_under_traffic_never_fail_the_other_model(several):
+def test_unload_and_load_under_traffic_never_fail_the_other_model(several_models):
     failures: list[int] = []
     served = 0
     stop_at = threading.Event()
 
     def traffic() -> None:
         nonlocal served
-        with httpx.Client(base_url=several.url, timeout=60) as http:
+        with httpx.Client(base_url=several_models.url, timeout=60) as http:
             while not stop_at.is_set():
                 r = http.post(
                     "/v1/models/nuclei/segment",
@@ -143,16 +102,16 @@ def test_unload_and_load_under_traffic_never_fail_the_other_model(several):
         t.start()
     try:
         for _ in range(3):
-            r = several.client.post("/v2/repository/models/cells/unload")
-            assert r.status_code == 200 and states(several)["cells"] == "unloaded"
-            r = post(several, "/v1/models/cells/segment")
+            r = several_models.client.post("/v2/repository/models/cells/unload")
+            assert r.status_code == 200 and model_states(several_models)["cells"] == "unloaded"
+            r = post_image(several_models, "/v1/models/cells/segment")
             assert (r.status_code, r.json()["error"]) == (503, "model_unavailable")
-            assert several.client.get("/v2/models/cells/ready").status_code == 503
-            r = several.client.post("/v2/repository/models/cells/load")
+            assert several_models.client.get("/v2/models/cells/ready").status_code == 503
+            r = several_models.client.post("/v2/repository/models/cells/load")
             assert r.status_code == 200 and r.json()["state"] == "READY"
-            assert post(several, "/v1/models/cells/segment").status_code == 200
+            assert post_image(several_models, "/v1/models/cells/segment").status_code == 200
         # a model that fails to load stays failed and says why; nothing else moves
-        r = several.client.post("/v2/repository/models/broken/load")
+        r = several_models.client.post("/v2/repository/models/broken/load")
         assert r.status_code == 422 and r.json()["error"].startswith("load_failed: model broken")
         assert "L2.onnx" in r.json()["error"]
     finally:
@@ -160,14 +119,14 @@ def test_unload_and_load_under_traffic_never_fail_the_other_model(several):
         for t in threads:
             t.join()
     assert not failures and served > 3, (failures, served)
-    assert states(several) == {"broken": "failed", "cells": "ready", "nuclei": "ready"}
+    assert model_states(several_models) == {"broken": "failed", "cells": "ready", "nuclei": "ready"}
 
 
-def test_model_control_needs_the_key_or_an_open_admin(folder):
-    server = start(settings(folder))  # no API key, admin not opened
+def test_model_control_needs_the_key_or_an_open_admin(models_folder):
+    server = start(settings(models_folder))  # no API key, admin not opened
     try:
         r = server.client.post("/v2/repository/models/cells/unload")
-        assert r.status_code == 403 and states(server)["cells"] == "ready"
+        assert r.status_code == 403 and model_states(server)["cells"] == "ready"
     finally:
         stop(server)
 
