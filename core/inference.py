@@ -23,7 +23,7 @@ from unetpp.core import instances
 from unetpp.core.datasets import Sample
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.metrics import ObjectAccumulator
-from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
+from unetpp.core.preprocess import Preprocessing, crop_to, network_input
 from unetpp.core.task import Task
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,6 @@ def shrinking_arena() -> ort.RunOptions:
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
-
-
-def network_input(
-    image: np.ndarray, preprocessing: Preprocessing
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """A raw HxW[xC] image -> the padded float32 [C, H', W'] input and the original (H, W)."""
-    return pad_to_multiple(preprocessing(image), preprocessing.multiple)
 
 
 def predict_logits(

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from unetpp.core import tiling
 from unetpp.core.inference import create_session, run_batch, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository
-from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
+from unetpp.core.preprocess import Preprocessing, crop_to, network_input
 from unetpp.core.routing import Candidate, Choice, Mode, Route, choose
 
 # the server's Settings use the same defaults (a test holds them together)
@@ -75,7 +75,7 @@ class Plan:
 
 def prepare(image: np.ndarray, preprocessing: Preprocessing) -> Prepared:
     """A decoded HxW or HxWxC image -> the padded network input."""
-    x, size = pad_to_multiple(preprocessing(image), preprocessing.multiple)
+    x, size = network_input(image, preprocessing)
     return Prepared(image, x, size)
 
 

@@ -131,6 +131,15 @@ def crop_to(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return array[..., : size[0], : size[1]]
 
 
+def network_input(
+    image: np.ndarray, preprocessing: Preprocessing
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A raw HxW[xC] image -> the padded float32 [C, H', W'] input and the original (H, W):
+    what training, evaluation, export and serving all feed the network (`crop_to` undoes the
+    padding)."""
+    return pad_to_multiple(preprocessing(image), preprocessing.multiple)
+
+
 def check_size(height: int, width: int, multiple: int = MULTIPLE) -> None:
     """Raise a clear error for a network input whose size is not a multiple of 16."""
     if height % multiple or width % multiple or height == 0 or width == 0:

@@ -46,7 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from unetpp.core.datasets import Sample, data_task, load_split
 from unetpp.core.errors import InvalidInput
 from unetpp.core.metrics import ScoreAccumulator
-from unetpp.core.preprocess import Preprocessing, crop_to, pad_to_multiple
+from unetpp.core.preprocess import Preprocessing, crop_to, network_input
 from unetpp.core.task import Task, TaskScores
 from unetpp.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from unetpp.model.config import DATA_SEED, TrainConfig, check_resume
@@ -180,7 +180,7 @@ def evaluate(
         names.append("ensemble")
     scores = {name: task.scores() for name in names}
     for sample in samples[ctx.rank :: ctx.world]:
-        x, size = pad_to_multiple(preprocessing(sample.image))
+        x, size = network_input(sample.image, preprocessing)
         with _autocast(ctx.device):
             x = torch.from_numpy(x)[None].to(ctx.device, memory_format=CHANNELS_LAST)
             logits = [h.float() for h in _all_heads(model, x)]

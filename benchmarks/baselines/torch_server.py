@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from unetpp.core.preprocess import crop_to, pad_to_multiple
+from unetpp.core.preprocess import crop_to, network_input
 from unetpp.model.checkpoint import load_checkpoint
 
 state: dict = {}
@@ -47,7 +47,7 @@ def healthz() -> dict[str, str]:
 
 def predict(data: bytes) -> bytes:
     image = np.asarray(Image.open(io.BytesIO(data)))
-    x, size = pad_to_multiple(state["preprocessing"](image))
+    x, size = network_input(image, state["preprocessing"])
     with torch.no_grad():
         logits = state["model"](torch.from_numpy(x)[None])[0, 0].numpy()
     mask = crop_to(logits, size) > 0.0  # sigmoid > 0.5
