@@ -533,16 +533,19 @@ class Client(_Base):
         *,
         poll_s: float = 1.0,
         progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
         **options: Unpack[JobOptions],
     ) -> dict[str, Any]:
         """Submit, poll (`progress(windows done, total)`), and write the result to `target`
         (through `<target>.partial`, renamed when whole). A job that fails or is cancelled raises
-        APIError `job_failed` or `job_cancelled` with its reason; an interruption (Ctrl-C)
-        cancels the job. Returns the finished job."""
+        APIError `job_failed` or `job_cancelled` with its reason; an interruption (Ctrl-C), or
+        `cancelled()` turning true at a poll, cancels the job. Returns the finished job."""
         job = self.submit_job(path, **options)
         try:
             while job["state"] not in ("done", "failed", "cancelled"):
                 time.sleep(poll_s)
+                if cancelled is not None and cancelled():
+                    raise APIError(0, "job_cancelled", f"job {job['id']}: cancelled by the caller")
                 job = self.job(job["id"])
                 if progress is not None:
                     progress(job["progress"]["done"], job["progress"]["total"])

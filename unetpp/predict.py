@@ -101,15 +101,16 @@ class Output:
 
 
 Windows = Callable[[int, int], None]  # a whole slide's (windows done, windows in all)
+Stopped = Callable[[], bool]  # true once the run is interrupted: a whole slide stops
 
 
 @dataclass(frozen=True)
 class Runner:
-    """How images run: `image(bytes)` -> its output; `slide(source, target, windows)` writes a
-    whole slide's label image to `target` (complete or not at all)."""
+    """How images run: `image(bytes)` -> its output; `slide(source, target, windows, stopped)`
+    writes a whole slide's label image to `target` (complete or not at all)."""
 
     image: Callable[[bytes], Output]
-    slide: Callable[[Path, Path, Windows], None]
+    slide: Callable[[Path, Path, Windows, Stopped], None]
 
 
 def _glob_base(pattern: str) -> Path:
@@ -361,7 +362,7 @@ def local_runner(args: argparse.Namespace) -> Runner:
 
 def local_slides(
     model: LocalModel, choice: Choice, batch: int
-) -> Callable[[Path, Path, Windows], None]:
+) -> Callable[[Path, Path, Windows, Stopped], None]:
     """A whole slide through core/slide.py on the graph `choice` routes its first page's plan
     to (as the server's jobs do), `batch` windows per run."""
     from unetpp.core import slide
@@ -370,7 +371,7 @@ def local_slides(
     tiles = model.tiles
     preprocessing = model.manifest.preprocessing
 
-    def run(source: Path, target: Path, windows: Windows) -> None:
+    def run(source: Path, target: Path, windows: Windows, stopped: Stopped) -> None:
         with slide.open_slide(source) as pages:
             page = pages[0]
         how = slide.plan(page.height, page.width, preprocessing, tiles.size, tiles.overlap)
@@ -386,6 +387,7 @@ def local_slides(
             overlap=tiles.overlap,
             batch=batch,
             progress=windows,
+            cancelled=stopped,
         )
 
     return run
@@ -479,14 +481,14 @@ def server_runner(args: argparse.Namespace) -> Runner:
     routing = ("model", "level", "mode", "max_latency_ms", "min_iou", "precision")
     job = {k: options[k] for k in routing}  # no deadline: a job has a time to live instead
 
-    def slide(source: Path, target: Path, windows: Windows) -> None:
-        client.run_job(source, target, poll_s=POLL_S, progress=windows, **job)  # type: ignore[arg-type]
+    def slide(source: Path, target: Path, windows: Windows, stopped: Stopped) -> None:
+        client.run_job(source, target, poll_s=POLL_S, progress=windows, cancelled=stopped, **job)  # type: ignore[arg-type]
 
     return Runner(run, slide)
 
 
 def process(
-    runner: Runner, out: Path, fmt: str, item: Item, progress: Progress
+    runner: Runner, out: Path, fmt: str, item: Item, progress: Progress, stopped: Stopped
 ) -> tuple[str, str | None]:
     """(outcome, message) of one item; a failure is one line, never an exception."""
     from unetpp.client import APIError
@@ -500,7 +502,7 @@ def process(
         if item.slide:
             target = slide_output(out, item)
             target.parent.mkdir(parents=True, exist_ok=True)
-            runner.slide(item.source.path, target, partial(progress.windows, item))
+            runner.slide(item.source.path, target, partial(progress.windows, item), stopped)
         else:
             write(out, item, fmt, runner.image(item.read()))
     except BadParameter:
@@ -525,13 +527,18 @@ def predict(
     args: argparse.Namespace,
     progress: Progress,
 ) -> None:
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(process, runner, out, args.format, i, progress) for i in todo]
+        futures = [
+            pool.submit(process, runner, out, args.format, item, progress, stop.is_set)
+            for item in todo
+        ]
         try:
             for future in as_completed(futures):
                 outcome, message = future.result()
                 progress.add(outcome, message and f"unetpp predict: {message}")
         except BaseException:  # a usage error, Ctrl-C: nothing more starts
+            stop.set()  # a whole slide in progress stops at its next batch (or poll)
             pool.shutdown(cancel_futures=True)
             raise
 

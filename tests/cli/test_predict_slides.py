@@ -5,6 +5,10 @@ in-memory inference; resume, the formats a slide refuses, the memory limit."""
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from tests.helpers import (
     write_slide,
 )
 from unetpp.cli import main
+from unetpp.client import APIError, Client
 from unetpp.core.pipeline import LocalModel
 from unetpp.predict import bounded
 from unetpp.server import memory
@@ -92,6 +97,27 @@ def test_here_and_through_a_servers_jobs_give_the_same_labels(
     try:
         assert main(["predict", *args, "--out", str(there), "--server", live.url]) == 0
         jobs = [p for p in (tmp_path / "jobs").iterdir() if not p.name.startswith(".")]
+        with Client(live.url) as client:  # stopped by its caller: the job is cancelled
+            large = write_slide(tmp_path / "large.tif", synthetic(2048, 2048))
+            seen: list[int] = []
+            with pytest.raises(APIError, match="cancelled by the caller"):
+                client.run_job(
+                    large,
+                    tmp_path / "large-labels.tif",
+                    poll_s=0.1,
+                    progress=lambda done, total: seen.append(done),
+                    cancelled=lambda: bool(seen),
+                    level=4,
+                )
+            (job_id,) = {p.name for p in (tmp_path / "jobs").glob("[!.]*")} - {j.name for j in jobs}
+            job = client.job(job_id)
+            deadline = time.monotonic() + 60
+            while job["state"] != "cancelled":
+                assert time.monotonic() < deadline, job
+                time.sleep(0.1)
+                job = client.job(job["id"])
+        assert job["progress"]["done"] < job["progress"]["total"]
+        assert not list(tmp_path.glob("large-labels.tif*"))
     finally:
         stop(live)
     assert "2/2 images: 2 written" in capsys.readouterr().err
@@ -149,3 +175,24 @@ def test_a_memory_limit_tiles_and_bounds_the_slides_batch(
     assert main([*argv, "--models", str(tiny_repository)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "raise --memory-limit or lower --jobs" in err[0], err
+
+
+def test_an_interrupted_run_stops_its_slide_and_leaves_nothing(tiny_repository: Path, tmp_path):
+    """Ctrl-C during a whole slide: the run stops at the slide's next batch (not at its end),
+    exits 130, and leaves neither the output nor a .partial."""
+    write_slide(tmp_path / "large.tif", synthetic(3072, 3072))
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "unetpp", "predict", str(tmp_path / "large.tif"), "--out", str(out),
+        "--models", str(tiny_repository), "--level", "4", "--threads", "1", *TILES,
+    ]  # fmt: skip
+    run = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    assert run.stderr is not None
+    first = run.stderr.readline()  # "<file>: 0/<windows> windows" once the slide started
+    assert first.endswith(" windows\n") and " 0/" in first, first
+    total = int(first.rsplit("/", 1)[1].split()[0])
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130, run.stderr.read()
+    err = run.stderr.read()
+    assert "interrupted" in err and f"{total}/{total} windows" not in err
+    assert not list(out.rglob("*.tif*"))
