@@ -32,6 +32,7 @@ from unetpp.core.task import Task
 SCHEMA_VERSION = 3
 MANIFEST_NAME = "model.json"
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+LEVELS = (1, 2, 3, 4)  # the pruning depths L1..L4: head j of UNet++ and the nodes it needs
 BACKENDS = ("onnxruntime", "openvino")  # the runtimes that can run a graph (core/backends.py)
 
 
@@ -84,7 +85,7 @@ class Graph:
     name: str  # "L1".."L4", "L1.int8", "ensemble", ...
     file: str
     sha256: str
-    level: int  # 1..4: the deepest head the graph computes
+    level: int  # one of LEVELS: the deepest head the graph computes
     output: str  # the graph output to read: "logits" or "ensemble"
     precision: str
     parameters: int
@@ -97,8 +98,10 @@ class Graph:
     backend: str | None = None  # the only backend that can serve it (bf16: "openvino"); None: any
 
     def __post_init__(self) -> None:
-        if not 1 <= self.level <= 4:
-            raise ModelRepositoryError(f"graph {self.name}: level must be 1..4, got {self.level}")
+        if self.level not in LEVELS:
+            raise ModelRepositoryError(
+                f"graph {self.name}: level must be {LEVELS[0]}..{LEVELS[-1]}, got {self.level}"
+            )
         if self.precision not in PRECISIONS:
             raise ModelRepositoryError(f"graph {self.name}: unknown precision {self.precision!r}")
         if Path(self.file).name != self.file or self.file in ("", ".", ".."):

@@ -58,7 +58,7 @@ from unetpp.export.graphs import (
 from unetpp.export.quantize import INT8_MARGIN, convert_fp16, quantize_int8
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.summary import gflops
-from unetpp.model.unetpp import UNetPlusPlus, count_parameters
+from unetpp.model.unetpp import DEPTH, UNetPlusPlus, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _levels(model: nn.Module) -> list[tuple[int, nn.Module]]:
     if isinstance(model, UNetPlusPlus):
         heads = sorted(int(key.split("_")[1]) for key in model.heads)
         return [(level, model.prune(level)) for level in heads]
-    return [(4, model)]  # U-Net baselines: one network, the full depth
+    return [(DEPTH, model)]  # U-Net baselines: one network, the full depth
 
 
 class _Builder:

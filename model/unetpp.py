@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unetpp.core.manifest import LEVELS
 from unetpp.core.preprocess import check_size
 
 Arch = Literal["unetpp", "unet", "wide_unet"]
@@ -34,7 +35,7 @@ WIDTHS = (32, 64, 128, 256, 512)
 # Wide U-Net (paper, Table 1): the U-Net widths scaled so that its parameter count is close
 # to UNet++ L4's (9.04M with BN folded); 35/70/140/280/560 as in the paper gives 9.28M.
 WIDE_WIDTHS = (35, 70, 140, 280, 560)
-DEPTH = len(WIDTHS) - 1  # 4 poolings; levels L1..L4
+DEPTH = LEVELS[-1]  # 4 poolings, so len(WIDTHS) == DEPTH + 1; levels L1..L4
 
 
 class Block(nn.Sequential):

@@ -199,6 +199,7 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
 )
 def _predict(p: argparse.ArgumentParser) -> None:
     from unetpp.core.imageio import DEFAULT_MAX_PIXELS
+    from unetpp.core.manifest import LEVELS
     from unetpp.core.routing import Mode
     from unetpp.core.tiling import TILE_ABOVE_PIXELS, TILE_OVERLAP, TILE_SIZE
     from unetpp.predict import parse_shard, positive
@@ -211,7 +212,7 @@ def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a model of a repository of several (default: the only one)")
     p.add_argument("--api-key", help="the server's key (default: env UNETPP_API_KEY)")
     route = p.add_argument_group("routing (at most one of level, mode, max latency, min IoU)")
-    route.add_argument("--level", type=int, choices=(1, 2, 3, 4), help="pruning depth L1..L4")
+    route.add_argument("--level", type=int, choices=LEVELS, help="pruning depth L1..L4")
     route.add_argument("--mode", choices=typing.get_args(Mode), help="(default balanced)")
     route.add_argument("--max-latency-ms", type=float, help="latency budget per image")
     route.add_argument("--min-iou", type=float, help="accuracy floor")

@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from unetpp.core import cascade
 from unetpp.core.errors import BadParameter
 from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import LEVELS
 from unetpp.core.render import render
 from unetpp.core.routing import Choice, Mode, Precision
 from unetpp.server import facade
@@ -37,7 +38,9 @@ class RouteParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    level: int | None = Field(None, ge=1, le=4, description="pruning depth L1..L4, explicitly")
+    level: int | None = Field(
+        None, ge=LEVELS[0], le=LEVELS[-1], description="pruning depth L1..L4, explicitly"
+    )
     mode: Mode | None = Field(
         None,
         description="accurate: best measured IoU; balanced: knee of the accuracy/latency front "
