@@ -619,26 +619,39 @@ Throughput here relative to the server (images/s, here / server): {ratios}.
 
 # file stem -> its section's renderer; the order is the report's
 def slide_section(d: dict[str, Any], where: Place) -> str:
-    """benchmarks/slide.py: a whole-slide BigTIFF through core/slide.py."""
+    """benchmarks/slide.py: a whole-slide BigTIFF through `unetpp predict` (core/slide.py)."""
     r = d["result"]
+    through = r.get("through", "core.slide.segment_slide")
+    rows = [[through, f"{r['pixels']:,}", r["seconds"], f"**{r['ns_per_pixel']}**",
+             f"**{r['peak_rss_gb']}**", "{:.1f}-{:.1f}".format(
+                 d["machine"]["load_average_at_start"][0], d["machine"]["load_average_at_end"][0])]]  # fmt: skip
+    p = d.get("previous")
+    if p:
+        rows.append([f"before: {p['through']}", f"{p['pixels']:,}", p["seconds"],
+                     p["ns_per_pixel"], p["peak_rss_gb"], "{:.1f}-{:.1f}".format(*p["load_average"])])  # fmt: skip
     before = (
-        f"Before: no path segmented it (decoded whole it is above `UNETPP_MAX_PIXELS`, 40 MP, and"
-        f" the decoder's limit; its float32 input alone would be {r['pixels'] * 4 / 2**30:.1f} GB)."
+        f"Before any of these: no path segmented it (decoded whole it is above "
+        f"`UNETPP_MAX_PIXELS`, 40 MP, and the decoder's limit; its float32 input alone would be "
+        f"{r['pixels'] * 4 / 2**30:.1f} GB)."
         if r["pixels"] > 40_000_000
         else ""
     )
+    headers = ["segmented by", "pixels", "seconds", "ns per pixel", "peak RSS GB", "load"]
     return f"""## Whole-slide images (`slide`)
 
 {run_facts(d)}
 
 A {r["side"]:,} x {r["side"]:,} 16-bit tiled BigTIFF ({r["input_gb"]} GB, synthetic nuclei)
-segmented by `core.slide.segment_slide` in a child process: exact streamed percentiles, then
+segmented by `{through}` in a child process: exact streamed percentiles, then
 {r["windows"]:,} windows of {r["tile"]} px (overlap {r["overlap"]}, batch {r["batch"]},
 {r["threads"]} onnxruntime threads) on graph {r["graph"]} of {d["model"]}, labels written as a
 tiled BigTIFF as they are made. Peak RSS from `/usr/bin/time -v` (the whole child: Python,
-onnxruntime, the model).
+onnxruntime, the model); seconds are the child's whole run for `unetpp predict` (start-up
+included), the segmentation alone for `core.slide.segment_slide`. The load average is the
+shared machine's at the start and end of each study: the times are upper bounds, and rows run
+at different loads compare in memory, not in time.
 
-{md_table(["pixels", "seconds", "ns per pixel", "peak RSS GB"], [[f"{r['pixels']:,}", r["seconds"], f"**{r['ns_per_pixel']}**", f"**{r['peak_rss_gb']}**"]], "rrrr")}
+{md_table(headers, rows, "lrrrrr")}
 
 {before}
 """

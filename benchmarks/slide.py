@@ -1,5 +1,6 @@
-"""Whole-slide segmentation (core/slide.py): time per pixel and peak resident memory of a
-SIDE x SIDE 16-bit BigTIFF, segmented in a child process measured by /usr/bin/time -v.
+"""Whole-slide segmentation (core/slide.py) through `unetpp predict`: time per pixel and peak
+resident memory of a SIDE x SIDE 16-bit BigTIFF, segmented by the command in a child process
+measured by /usr/bin/time -v (the command's whole run: start-up, the model, the slide).
 
 The model is a tiny UNet++ (widths 4..64, as the tests' fixture) trained for a few steps on
 synthetic nuclei and exported with `unetpp train` / `unetpp export`, so the figures are the
@@ -7,7 +8,7 @@ pipeline's (reading, statistics, blending, deciding, writing) plus a small netwo
 full-width one's. The input is synthetic nuclei tiled up to SIDE, stored as a tiled,
 uncompressed BigTIFF (written tile by tile: this script never holds it whole either).
 
-    .venv/bin/python -m benchmarks.slide [--side 20000] [--graph L1] [--quick]
+    .venv/bin/python -m benchmarks.slide [--side 20000] [--level 1] [--quick]
 """
 
 from __future__ import annotations
@@ -18,32 +19,16 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import Study, unetpp
+from unetpp.core.tiling import count
 
 WIDTHS = "4,8,16,32,64"
-
-CHILD = """
-import json, sys, time
-from unetpp.core import slide
-from unetpp.core.inference import run_batch
-from unetpp.core.pipeline import LocalModel
-source, target, models, graph, tile, overlap, batch, threads = sys.argv[1:]
-model = LocalModel.open(models, threads=int(threads))
-g = model.graphs[graph]
-session = model.sessions[g.file]
-start = time.perf_counter()
-result = slide.segment_slide(
-    source, target, lambda b: run_batch(session, b, g.output),
-    preprocessing=model.manifest.preprocessing, decide=model.manifest.task.labels,
-    tile=int(tile), overlap=int(overlap), batch=int(batch),
-)
-print(json.dumps({"seconds": time.perf_counter() - start, "windows": result.windows}))
-"""
 
 
 def tiny_repository(work: Path) -> Path:
@@ -82,38 +67,46 @@ def write_slide(path: Path, side: int) -> None:
 
 
 def measure(source: Path, models: Path, args: argparse.Namespace) -> dict[str, Any]:
-    target = source.with_name("labels.tif")
-    argv = [source, target, models, args.graph, args.tile, args.overlap, args.batch, args.threads]
+    out = source.with_name("out")
+    argv = [
+        "predict", source, "--out", out, "--models", models, "--level", args.level,
+        "--tile-size", args.tile, "--tile-overlap", args.overlap, "--batch", args.batch,
+        "--threads", args.threads, "--jobs", 1,
+    ]  # fmt: skip
+    exe = Path(sys.executable).parent / "unetpp"
+    start = time.perf_counter()
     done = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, "-c", CHILD, *map(str, argv)],
+        ["/usr/bin/time", "-v", str(exe), *map(str, argv)],
         capture_output=True,
         text=True,
         check=True,
     )
-    child = json.loads(done.stdout.strip().splitlines()[-1])
+    seconds = time.perf_counter() - start
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)[1])
     pixels = args.side * args.side
+    padded = -(-args.side // 16) * 16
     return {
+        "through": "unetpp predict",
         "side": args.side,
         "pixels": pixels,
-        "graph": args.graph,
+        "graph": f"L{args.level}",
         "tile": args.tile,
         "overlap": args.overlap,
         "batch": args.batch,
         "threads": args.threads,
-        "windows": child["windows"],
-        "seconds": round(child["seconds"], 1),
-        "ns_per_pixel": round(1e9 * child["seconds"] / pixels, 1),
+        "windows": count(padded, padded, args.tile, args.overlap),
+        "seconds": round(seconds, 1),
+        "ns_per_pixel": round(1e9 * seconds / pixels, 1),
         "peak_rss_gb": round(peak_kb / 2**20, 3),
         "input_gb": round(source.stat().st_size / 2**30, 3),
-        "output_mb": round(target.stat().st_size / 2**20, 1),
+        "output_mb": round((out / "slide.tif").stat().st_size / 2**20, 1),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", type=int, default=20_000)
-    parser.add_argument("--graph", default="L1")
+    parser.add_argument("--level", type=int, default=1, help="the graph L1..L4 (default 1)")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
@@ -123,13 +116,31 @@ def main() -> None:
     if args.quick:
         args.side = 2048
     study = Study("slide", args.quick)
+    committed = study.where.results / "slide.json"
+    previous = json.loads(committed.read_text()) if committed.exists() else None
     with tempfile.TemporaryDirectory(prefix="unetpp-slide-") as tmp:
         work = Path(tmp)
         models = tiny_repository(work)
         write_slide(work / "slide.tif", args.side)
         result = measure(work / "slide.tif", models, args)
     print(json.dumps(result, indent=2))
-    study.save(model=f"UNet++ widths {WIDTHS}, 30 training steps (synthetic)", result=result)
+    study.save(
+        model=f"UNet++ widths {WIDTHS}, 30 training steps (synthetic)",
+        result=result,
+        previous=previous and _earlier(previous),
+    )
+
+
+def _earlier(previous: dict[str, Any]) -> dict[str, Any]:
+    """The last full run's figures and load, kept beside the new ones (before and after)."""
+    if "previous" in previous and previous["result"].get("through") == "unetpp predict":
+        return previous["previous"]  # a rerun of this script: keep the first figure
+    load = (
+        previous["machine"]["load_average_at_start"][0],
+        previous["machine"]["load_average_at_end"][0],
+    )
+    through = previous["result"].get("through", "core.slide.segment_slide")
+    return {**previous["result"], "through": through, "load_average": load}
 
 
 if __name__ == "__main__":
