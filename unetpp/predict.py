@@ -218,9 +218,8 @@ def whole_slide(path: Path, max_pixels: int) -> bool:
             if not tif.series:
                 return False
             level = tif.series[0].levels[0]
-            return level.shape[level.axes.index("Y")] * level.shape[level.axes.index("X")] > (
-                max_pixels
-            )
+            height, width = (level.shape[level.axes.index(axis)] for axis in "YX")
+            return height * width > max_pixels
     except (OSError, ValueError, tifffile.TiffFileError):
         return False
 
