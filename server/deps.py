@@ -13,14 +13,15 @@ from unetpp.server.registry import Registry
 from unetpp.server.settings import Settings
 
 
-def get_registry(request: Request) -> Registry:
+# async: FastAPI runs a plain `def` dependency in a worker thread, a hop on every request
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 
 
-def get_settings(registry: RegistryDep) -> Settings:
+async def get_settings(registry: RegistryDep) -> Settings:
     return registry.settings
 
 
@@ -45,7 +46,7 @@ def authorized(settings: Settings, token: str | None) -> bool:
     return token is not None and hmac.compare_digest(token.encode(), expected)
 
 
-def require_token(settings: SettingsDep, credentials: BearerDep) -> None:
+async def require_token(settings: SettingsDep, credentials: BearerDep) -> None:
     """The request must carry `Authorization: Bearer <api_key>` (app.py adds this dependency
     to the protected routers when the server has an `api_key`)."""
     if credentials is None:

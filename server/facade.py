@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -66,6 +66,8 @@ class Outcome:
     prepared: list[Prepared]
     results: list[Inference]
     started: float  # time.monotonic() at admission
+    prepare_ms: float  # decoding and preprocessing, with the hop to their thread and back
+    inferred: float = field(default_factory=time.monotonic)  # when every result was in
 
     @property
     def graph(self) -> Graph:
@@ -101,6 +103,7 @@ class Outcome:
             "X-UNetPP-Route-Reason": route.reason,
             "X-UNetPP-Inference-Ms": f"{self.inference_ms:.3f}",
             "X-UNetPP-Queue-Ms": f"{self.queue_ms:.3f}",
+            "Server-Timing": self.server_timing(),
         }
         if route.missed:
             headers["X-UNetPP-Target-Missed"] = route.rule
@@ -111,6 +114,21 @@ class Outcome:
                 f"L{k}={share:.3f}" for k, share in enumerate(reached[1:], 2)
             )
         return headers
+
+    def server_timing(self) -> str:
+        """The W3C Server-Timing header: where the time went, up to now (the answer is built
+        when the headers are): decode (and preprocess), queue, infer (onnxruntime), render
+        (with its thread hop), total (from admission; the rest is planning, routing and the
+        hops to the batcher and back)."""
+        now = time.monotonic()
+        spans = {
+            "decode": self.prepare_ms,
+            "queue": self.queue_ms,
+            "infer": self.inference_ms,
+            "render": 1000.0 * (now - self.inferred),
+            "total": 1000.0 * (now - self.started),
+        }
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in spans.items())
 
     def timings(self) -> dict[str, float | int]:
         return {
@@ -138,6 +156,7 @@ async def segment(
     async with engine.gate.admit(deadline_ms) as admission:
         started = time.monotonic()
         prepared = await asyncio.to_thread(inputs.prepare, engine, admission)
+        prepare_ms = 1000.0 * (time.monotonic() - started)
         plan = engine.plan(prepared[0])
         route = HEADS if heads else engine.route(choice, plan)
         admission.submitting()
@@ -149,5 +168,5 @@ async def segment(
                 for p in prepared
             )
         )
-        outcome = Outcome(engine, route, plan, prepared, list(results), started)
+        outcome = Outcome(engine, route, plan, prepared, list(results), started, prepare_ms)
         return await asyncio.to_thread(render, outcome)

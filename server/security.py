@@ -10,9 +10,9 @@ from unetpp.server.deps import BearerDep, SettingsDep, require_token
 from unetpp.server.errors import AdminClosed
 
 
-def admin_allowed(settings: SettingsDep, credentials: BearerDep) -> None:
+async def admin_allowed(settings: SettingsDep, credentials: BearerDep) -> None:
     if settings.api_key is not None:
-        require_token(settings, credentials)
+        await require_token(settings, credentials)
     elif not settings.admin_open:
         raise AdminClosed(
             "admin endpoints need an API key: set UNETPP_API_KEY and send 'Authorization: "

@@ -133,7 +133,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": SegmentResult | CocoResult,  # format=json | format=coco
         "description": "The result; headers X-UNetPP-Model, -Graph, -Level, -Precision, -Route-Reason, "
-        "-Inference-Ms, -Queue-Ms (and -Target-Missed when a budget or floor was missed)",
+        "-Inference-Ms, -Queue-Ms (and -Target-Missed when a budget or floor was missed), "
+        "Server-Timing (decode, queue, infer, render, total)",
         "content": {
             "image/png": {},
             "image/tiff": {},
