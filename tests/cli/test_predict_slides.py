@@ -26,7 +26,7 @@ from tests.helpers import (
 from unetpp.cli import main
 from unetpp.client import APIError, Client
 from unetpp.core.pipeline import LocalModel
-from unetpp.predict import bounded
+from unetpp.predict import bounded, whole_slide
 from unetpp.server import memory
 
 TILE, OVERLAP = 128, 32
@@ -196,3 +196,15 @@ def test_an_interrupted_run_stops_its_slide_and_leaves_nothing(tiny_repository: 
     err = run.stderr.read()
     assert "interrupted" in err and f"{total}/{total} windows" not in err
     assert not list(out.rglob("*.tif*"))
+
+
+def test_which_files_are_whole_slides(tmp_path: Path):
+    image = synthetic(64, 80)
+    write_slide(tmp_path / "classic.tif", image, bigtiff=False)
+    write_slide(tmp_path / "big.tif", image)
+    tifffile.imwrite(tmp_path / "ome.ome.tif", image, ome=True)
+    tifffile.imwrite(tmp_path / "png.png", image)  # a TIFF by content, not by name
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not really")
+    slides = {p.name for p in tmp_path.iterdir() if whole_slide(p, 64 * 80)}
+    assert slides == {"big.tif", "ome.ome.tif"}
+    assert whole_slide(tmp_path / "classic.tif", 64 * 80 - 1)
