@@ -5,7 +5,8 @@ Lives on the event loop; the caller runs CPU-heavy steps (decoding, rendering) i
 inference runs in the batcher's threads. Ready in seconds: `probe()` runs each graph once at
 the reference size (its latency and its activation bytes per input pixel), and other sizes are
 estimated from the manifest's export-time latencies scaled by that probe; `refine()` measures
-the tile size in the background while the engine is idle, and served batches keep refining.
+each graph at the candidate tile sides in the background while the engine is idle and chooses
+its tile (side and batch) from them, and served batches keep refining.
 """
 
 from __future__ import annotations
