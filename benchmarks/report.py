@@ -316,6 +316,67 @@ batches of up to 8), resident set from /proc (VmRSS after start-up, VmHWM for th
 """
 
 
+def overhead_section(d: dict[str, Any], where: Place) -> str:
+    """benchmarks/overhead.py: what the service adds at concurrency 1, before and after."""
+    rows = d["rows"]
+    table = md_table(
+        ["request", "server", "graph", "end to end (ms)", "server's inference (ms)",
+         "added: end to end − inference (ms)", "load average (1 min)"],
+        [
+            [
+                r["target"], f"{r['version']} (`{r['commit']}`)", r["graph"], f"{r['e2e_ms']:.1f}",
+                f"{r['inference_ms']:.1f}",
+                f"**{r['added_ms']:.2f}** ({r['added_p10_ms']:.1f}..{r['added_p90_ms']:.1f})",
+                "{:.1f}..{:.1f}".format(*r["load_1min"]),
+            ]
+            for r in rows
+        ],
+        "lllrrrr",
+    )  # fmt: skip
+    timed = [r for r in rows if "spans_ms" in r]
+    spans = md_table(
+        ["request", "server", "decode", "queue", "render", "rest of total", "outside the handler"],
+        [
+            [
+                r["target"], f"{r['version']} (`{r['commit']}`)",
+                *(f"{r['spans_ms'][k]:.2f}" for k in ("decode", "queue", "render")),
+                f"{r['rest_of_total_ms']:.2f}",
+                f"{r['outside_handler_ms']:.2f}",
+            ]
+            for r in timed
+        ],
+        "llrrrrr",
+    )  # fmt: skip
+    by = {(r["target"], r["version"]): r["added_ms"] for r in rows}
+    ratios = "; ".join(
+        f"{t}: {by[t, 'before']:.1f} -> {by[t, 'after']:.1f} ms"
+        for t in dict.fromkeys(r["target"] for r in rows)
+        if (t, "before") in by and (t, "after") in by
+    )
+    return f"""## Service overhead at concurrency 1 (`overhead`)
+
+{run_facts(d)}
+
+Repository `{d["models"]}`; image: {d["image"]}; answer: a PNG mask. Two `unetpp serve` processes
+(default settings) at once, the tree before the changes and after, each installed from a git
+worktree; {rows[0]["requests"]} requests per server and request kind, one at a time, interleaved
+(the order rotating each round, a {1000 * d["settle_s"]:.0f} ms pause before each), over
+loopback with httpx. *Added* is each request's end to end (the client's wall time) minus the
+server's own inference time (X-UNetPP-Inference-Ms): median (10th..90th percentile). Before ->
+after: {ratios}. Goal: at most 3 ms.
+
+{table}
+
+Where the time goes, from the after server's Server-Timing (medians, ms): *decode* (decoding and
+preprocessing, with the hop to their thread and back), *queue* (waiting for the batch to
+start), *render* (deciding and encoding, with its thread hop), *rest of total* (routing and the
+hops to the batcher's thread and back), *outside the handler* (end to end minus total: HTTP
+parsing and writing, middleware, the client, the loopback connection).
+
+{spans}
+"""
+
+
 def training_section(d: dict[str, Any], where: Place) -> str:
     """benchmarks/train_hela.py: one UNet++ within a time budget (and domain transfer)."""
 
@@ -912,6 +973,7 @@ SECTIONS: dict[str, Renderer | None] = {
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
     "soak_": (
         "Soak variants (`soak --name NAME`)",
+    "overhead": overhead_section,
         "The same soak and overload with other server settings, beside the one above.",
         soak_body,
     ),
