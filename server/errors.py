@@ -102,6 +102,35 @@ class DeadlineExceeded(UNetPPError):
     error = "deadline_exceeded"
 
 
+# the jobs API (server/jobs.py, server/routers/jobs.py)
+class JobNotFound(UNetPPError):
+    status_code = 404
+    error = "job_not_found"
+
+
+class JobNotDone(UNetPPError):
+    status_code = 409
+    error = "job_not_done"
+
+
+class JobsFull(UNetPPError):
+    """The jobs directory holds its limit of jobs or bytes."""
+
+    status_code = 429
+    error = "jobs_full"
+
+
+class UploadTooLarge(ImageTooLarge):
+    error = "upload_too_large"
+
+
+class JobsDisabled(UNetPPError):
+    """This server has no jobs directory: for it, /v1/jobs does not exist."""
+
+    status_code = 404
+    error = "jobs_disabled"
+
+
 def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None):
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 

@@ -45,10 +45,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from unetpp.core import pipeline, slide
-from unetpp.core.errors import Cancelled, ImageTooLarge, UNetPPError
+from unetpp.core.errors import Cancelled, UNetPPError
 from unetpp.core.routing import Choice, Route, choose
 from unetpp.server.admission import MemoryBudget
 from unetpp.server.engine import Engine
+from unetpp.server.errors import JobNotDone, JobNotFound, JobsFull, UploadTooLarge
 from unetpp.server.registry import Registry
 from unetpp.server.runtime import Runner
 
@@ -91,27 +92,6 @@ class JobSettings(BaseSettings):
         64, ge=0, multiple_of=16, description="overlap of neighbouring windows"
     )
     batch: int = Field(4, ge=1, description="windows per run of the graph")
-
-
-class JobNotFound(UNetPPError):
-    status_code = 404
-    error = "job_not_found"
-
-
-class JobNotDone(UNetPPError):
-    status_code = 409
-    error = "job_not_done"
-
-
-class JobsFull(UNetPPError):
-    """The jobs directory holds its limit of jobs or bytes."""
-
-    status_code = 429
-    error = "jobs_full"
-
-
-class UploadTooLarge(ImageTooLarge):
-    error = "upload_too_large"
 
 
 class Stopping(Exception):

@@ -12,9 +12,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
 
 from unetpp.core import slide
-from unetpp.core.errors import BadParameter, UNetPPError
-from unetpp.server.errors import UnsupportedMediaType
-from unetpp.server.jobs import CHUNK, DONE, TERMINAL, JobNotDone, Jobs, JobStore
+from unetpp.core.errors import BadParameter
+from unetpp.server.errors import JobNotDone, JobsDisabled, UnsupportedMediaType
+from unetpp.server.jobs import CHUNK, DONE, TERMINAL, Jobs, JobStore
 from unetpp.server.routers import segment
 from unetpp.server.routers.segment import RouteParams
 
@@ -22,13 +22,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 TIFF_TYPES = ("image/tiff", "application/octet-stream")
 BINARY = {"type": "string", "format": "binary"}
-
-
-class JobsDisabled(UNetPPError):
-    """This server has no jobs directory: for it, /v1/jobs does not exist."""
-
-    status_code = 404
-    error = "jobs_disabled"
 
 
 MULTIPART = segment.REQUEST_BODY["content"]["multipart/form-data"]  # field `image`
