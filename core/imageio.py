@@ -83,6 +83,17 @@ def decode_image(
             raise ImageDecodeError(f"{name}: truncated or corrupt image ({exc})") from exc
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG or TIFF, without decoding its pixels;
+    None when the header cannot be read (`decode_image` says why)."""
+    with io.BytesIO(data) as fp:
+        try:
+            with Image.open(fp) as img:
+                return img.size if img.format in FORMATS else None
+        except (*CORRUPT, Image.DecompressionBombError):
+            return None
+
+
 def _to_array(img: Image.Image, name: str) -> np.ndarray:
     mode = img.mode
     if mode == "P":

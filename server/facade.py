@@ -6,8 +6,13 @@
 The entry points differ only in how their inputs arrive (an encoded image, tensors) and in how
 the answer is rendered; both are arguments here. The caller leases the model's engine when the
 request arrives (a reload or a drain lets it finish on that engine) and reads the body before
-`segment` is called, so a slow upload never holds a queue slot. Rendering runs in a thread, still inside the
+`segment` is called, so a slow upload never holds a queue slot. Rendering runs inside the
 admission, so the memory it needs is bounded like the rest.
+
+Decoding and rendering run in threads, except for images of at most INLINE_PIXELS: their
+decoding and preprocessing (about a millisecond at 256x256) and a cheap answer (a mask, RLE
+JSON) run on the event loop, since a hop to a thread and back costs as much on an idle CPU and
+several times more on a busy one (benchmarks/REPORT.md, `overhead`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TypeVar
 import numpy as np
 
 from unetpp.core.cascade import CascadeResult
+from unetpp.core.imageio import image_size
 from unetpp.core.manifest import Graph
 from unetpp.core.pipeline import Plan, Prepared
 from unetpp.core.routing import Choice, Route
@@ -28,6 +34,7 @@ from unetpp.server.admission import Admission
 from unetpp.server.engine import Engine, Inference
 
 T = TypeVar("T")
+INLINE_PIXELS = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,11 @@ class EncodedImage:
     """One image as the client sent it (PNG, JPEG, TIFF bytes)."""
 
     data: bytes
+
+    def pixels(self) -> int | None:
+        """From the header (None: unreadable, decoding will say why)."""
+        size = image_size(self.data)
+        return None if size is None else size[0] * size[1]
 
     def prepare(self, engine: Engine, admission: Admission) -> list[Prepared]:
         return [engine.prepare(self.data, admission)]
@@ -46,8 +58,11 @@ class Pixels:
 
     images: list[np.ndarray]
 
+    def pixels(self) -> int | None:
+        return sum(image.shape[0] * image.shape[1] for image in self.images)
+
     def prepare(self, engine: Engine, admission: Admission) -> list[Prepared]:
-        admission.reserve(sum(image.shape[0] * image.shape[1] for image in self.images))
+        admission.reserve(self.pixels() or 0)
         return [engine.preprocess(image) for image in self.images]
 
 
@@ -66,7 +81,7 @@ class Outcome:
     prepared: list[Prepared]
     results: list[Inference]
     started: float  # time.monotonic() at admission
-    prepare_ms: float  # decoding and preprocessing, with the hop to their thread and back
+    prepare_ms: float  # decoding and preprocessing, with the hop to their thread, if any
     inferred: float = field(default_factory=time.monotonic)  # when every result was in
 
     @property
@@ -118,7 +133,7 @@ class Outcome:
     def server_timing(self) -> str:
         """The W3C Server-Timing header: where the time went, up to now (the answer is built
         when the headers are): decode (and preprocess), queue, infer (onnxruntime), render
-        (with its thread hop), total (from admission; the rest is planning, routing and the
+        (with its thread hop, if any), total (from admission; the rest is planning, routing and the
         hops to the batcher and back)."""
         now = time.monotonic()
         spans = {
@@ -149,13 +164,16 @@ async def segment(
     *,
     deadline_ms: float | None = None,
     heads: bool = False,
+    cheap_render: bool = False,
 ) -> T:
     """Run `inputs` through a leased engine as `choice` routes them and return
-    `render(outcome)`, computed in a thread. `heads`: every head from one pass of the whole
-    network instead (the logits hold one channel per head), whatever `choice` says."""
+    `render(outcome)`, computed in a thread (on the event loop for a small image when the
+    caller says `cheap_render`). `heads`: every head from one pass of the whole network
+    instead (the logits hold one channel per head), whatever `choice` says."""
     async with engine.gate.admit(deadline_ms) as admission:
         started = time.monotonic()
-        prepared = await asyncio.to_thread(inputs.prepare, engine, admission)
+        small = (inputs.pixels() or INLINE_PIXELS + 1) <= INLINE_PIXELS
+        prepared = await _call(small, inputs.prepare, engine, admission)
         prepare_ms = 1000.0 * (time.monotonic() - started)
         plan = engine.plan(prepared[0])
         route = HEADS if heads else engine.route(choice, plan)
@@ -169,4 +187,9 @@ async def segment(
             )
         )
         outcome = Outcome(engine, route, plan, prepared, list(results), started, prepare_ms)
-        return await asyncio.to_thread(render, outcome)
+        return await _call(small and cheap_render, render, outcome)
+
+
+async def _call(inline: bool, function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` here, or in a thread (the event loop goes on meanwhile)."""
+    return function(*args) if inline else await asyncio.to_thread(function, *args)

@@ -285,6 +285,7 @@ async def _segment(
                 partial(_answer, params),
                 deadline_ms=params.deadline_ms,
                 heads=params.format in HEADS_FORMATS,
+                cheap_render=params.format in ("png", "json"),
             )
 
 

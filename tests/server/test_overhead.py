@@ -3,11 +3,16 @@ for the request's dependencies (benchmarks/overhead.py measures the milliseconds
 
 from __future__ import annotations
 
+import threading
+
 import anyio.to_thread
 import pytest
 
-from tests.helpers import settings, start, stop
+from tests.helpers import settings, start, stop, synthetic
+from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest
+from unetpp.server.facade import EncodedImage
+from unetpp.server.routers import segment
 
 SPANS = ["decode", "queue", "infer", "render", "total"]
 
@@ -69,3 +74,35 @@ def test_a_request_takes_no_thread_hop_for_its_dependencies(
     finally:
         stop(server)
     assert hops == []
+
+
+@pytest.mark.parametrize(
+    ("side", "fmt", "decoded_on_loop", "rendered_on_loop"),
+    [
+        (256, "png", True, True),  # 65,536 pixels: INLINE_PIXELS
+        (256, "json", True, True),
+        (256, "overlay", True, False),  # not a cheap answer
+        (257, "png", False, False),
+    ],
+)
+def test_small_images_are_decoded_and_answered_on_the_event_loop(
+    live, monkeypatch, side, fmt, decoded_on_loop, rendered_on_loop
+):
+    """A hop to a thread and back costs as much as decoding a 256x256 image, several times
+    more on a busy CPU: up to INLINE_PIXELS, decoding and a mask or RLE answer stay on the
+    event loop; larger images, and answers that take longer, go to threads."""
+    threads: dict[str, str] = {}
+
+    def recorded(name: str, function):
+        def call(*args, **kwargs):
+            threads[name] = threading.current_thread().name
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(EncodedImage, "prepare", recorded("decode", EncodedImage.prepare))
+    monkeypatch.setattr(segment, "_answer", recorded("render", segment._answer))
+    r = live.segment(encode_png(synthetic(side, side)), level=1, format=fmt)
+    assert r.status_code == 200, r.text
+    assert (threads["decode"] == live.thread.name) == decoded_on_loop
+    assert (threads["render"] == live.thread.name) == rendered_on_loop
