@@ -243,7 +243,8 @@ def test_a_job_runs_on_the_served_engine_through_a_reload_and_an_unload(tiny_rep
     hold the server's memory budget while they run; with the model unloaded a job is refused
     (503) until it is loaded again."""
     big = tiff(synthetic(1536, 1536))
-    with serve(tiny_repository, tmp_path / "jobs", tmp_path / "log") as server:
+    calibrate = {"UNETPP_TILE_SIDES": "[]"}  # one size: the calibration is over in seconds
+    with serve(tiny_repository, tmp_path / "jobs", tmp_path / "log", **calibrate) as server:
         c = server.client
         (model,) = [m["name"] for m in c.get("/v1/models").json()["models"]]
         job_id = server.submit(big, level=4)
