@@ -100,6 +100,7 @@ def _location(job_id: str) -> dict[str, str]:
         415: {"description": "not a TIFF content type"},
         422: {"description": "bad or conflicting parameters"},
         429: {"description": "the jobs directory is full (jobs or bytes)"},
+        503: {"description": "the model is still loading, or failed to load or was unloaded"},
         **NOT_FOUND,
     },
 )
