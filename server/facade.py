@@ -9,10 +9,11 @@ request arrives (a reload or a drain lets it finish on that engine) and reads th
 `segment` is called, so a slow upload never holds a queue slot. Rendering runs inside the
 admission, so the memory it needs is bounded like the rest.
 
-Decoding and rendering run in threads, except for images of at most INLINE_PIXELS: their
-decoding and preprocessing (about a millisecond at 256x256) and a cheap answer (a mask, RLE
-JSON) run on the event loop, since a hop to a thread and back costs as much on an idle CPU and
-several times more on a busy one (benchmarks/REPORT.md, `overhead`).
+Decoding and rendering run in threads, except for plain PNGs (core.imageio.plain_png_size:
+nothing to parse but pixels) of at most INLINE_PIXELS: their decoding and preprocessing (about a
+millisecond at 256x256) and a cheap answer (a mask, RLE JSON) run on the event loop, since a hop
+to a thread and back costs as much on an idle CPU and several times more on a busy one
+(benchmarks/REPORT.md, `overhead`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TypeVar
 import numpy as np
 
 from unetpp.core.cascade import CascadeResult
-from unetpp.core.imageio import image_size
+from unetpp.core.imageio import plain_png_size
 from unetpp.core.manifest import Graph
 from unetpp.core.pipeline import Plan, Prepared
 from unetpp.core.routing import Choice, Route
@@ -44,8 +45,8 @@ class EncodedImage:
     data: bytes
 
     def pixels(self) -> int | None:
-        """From the header (None: unreadable, decoding will say why)."""
-        size = image_size(self.data)
+        """A plain PNG's, from its header (None: another image, decoded in a thread)."""
+        size = plain_png_size(self.data)
         return None if size is None else size[0] * size[1]
 
     def prepare(self, engine: Engine, admission: Admission) -> list[Prepared]:

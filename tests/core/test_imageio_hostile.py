@@ -4,15 +4,16 @@ well-formed array or raises one of the domain errors (a 4xx on the API), nothing
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from unetpp.core.errors import UNetPPError
-from unetpp.core.imageio import decode_image
+from unetpp.core.imageio import decode_image, plain_png_size
 from unetpp.core.preprocess import Preprocessing
 
 # Pillow warns about the corrupt files these tests are made of
@@ -134,3 +135,41 @@ def test_lossless_images_round_trip(
     decoded = decode_image(_save(Image.fromarray(array), fmt))
     assert decoded.dtype == array.dtype
     np.testing.assert_array_equal(decoded, array)
+
+
+@BOUNDED
+@given(st.one_of(mutated(), st.binary(max_size=64).map(lambda b: b"\x89PNG\r\n\x1a\n" + b)))
+def test_a_plain_pngs_size_is_what_decoding_gives(data: bytes) -> None:
+    """The server decodes a small plain PNG on its event loop, trusting this size (and that
+    nothing but pixels is parsed): never an exception, and never a size decoding contradicts."""
+    size = plain_png_size(data)
+    if size is None:
+        return
+    try:
+        image = decode_image(data)
+    except UNetPPError:
+        return
+    assert image.shape[:2] == (size[1], size[0])
+
+
+def test_only_pngs_of_pixels_and_few_chunks_are_plain() -> None:
+    """Text, profiles, EXIF and unknown chunks (whose parsing is not bounded by the pixel count:
+    about 100 ms for 256 kB of tiny chunks) and other formats are not plain."""
+    grey = Image.fromarray(np.zeros((24, 32), np.uint16))
+    assert plain_png_size(_save(grey, "PNG")) == (32, 24)
+    assert plain_png_size(_save(grey.convert("RGB").convert("P"), "PNG", transparency=0)) == (
+        32,
+        24,
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("a", "b")
+    assert plain_png_size(_save(grey, "PNG", pnginfo=info)) is None
+    assert plain_png_size(SEEDS[0]) is None  # EXIF
+    assert plain_png_size(_save(grey, "TIFF")) is None
+    png = _save(grey, "PNG")
+    tiny = png[8:].split(b"IDAT")[0][:-4]  # IHDR (and pHYs)
+    idat_on = png[8 + len(tiny) :]
+    empty = (0).to_bytes(4, "big") + b"tIME" + zlib.crc32(b"tIME").to_bytes(4, "big")
+    many = png[:8] + tiny + empty * 200 + idat_on  # 200 chunks of nothing
+    assert decode_image(many).shape == (24, 32)
+    assert plain_png_size(many) is None

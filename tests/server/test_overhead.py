@@ -3,10 +3,12 @@ for the request's dependencies (benchmarks/overhead.py measures the milliseconds
 
 from __future__ import annotations
 
+import io
 import threading
 
 import anyio.to_thread
 import pytest
+from PIL import Image, PngImagePlugin
 
 from tests.helpers import settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
@@ -76,6 +78,24 @@ def test_a_request_takes_no_thread_hop_for_its_dependencies(
     assert hops == []
 
 
+def threads_of(live, monkeypatch, body: bytes, **params) -> dict[str, str]:
+    """The threads that decoded the image of one request and rendered its answer."""
+    threads: dict[str, str] = {}
+
+    def recorded(name: str, function):
+        def call(*args, **kwargs):
+            threads[name] = threading.current_thread().name
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(EncodedImage, "prepare", recorded("decode", EncodedImage.prepare))
+    monkeypatch.setattr(segment, "_answer", recorded("render", segment._answer))
+    r = live.segment(body, level=1, **params)
+    assert r.status_code == 200, r.text
+    return threads
+
+
 @pytest.mark.parametrize(
     ("side", "fmt", "decoded_on_loop", "rendered_on_loop"),
     [
@@ -91,18 +111,20 @@ def test_small_images_are_decoded_and_answered_on_the_event_loop(
     """A hop to a thread and back costs as much as decoding a 256x256 image, several times
     more on a busy CPU: up to INLINE_PIXELS, decoding and a mask or RLE answer stay on the
     event loop; larger images, and answers that take longer, go to threads."""
-    threads: dict[str, str] = {}
-
-    def recorded(name: str, function):
-        def call(*args, **kwargs):
-            threads[name] = threading.current_thread().name
-            return function(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(EncodedImage, "prepare", recorded("decode", EncodedImage.prepare))
-    monkeypatch.setattr(segment, "_answer", recorded("render", segment._answer))
-    r = live.segment(encode_png(synthetic(side, side)), level=1, format=fmt)
-    assert r.status_code == 200, r.text
+    image = encode_png(synthetic(side, side))
+    threads = threads_of(live, monkeypatch, image, format=fmt)
     assert (threads["decode"] == live.thread.name) == decoded_on_loop
     assert (threads["render"] == live.thread.name) == rendered_on_loop
+
+
+def test_small_images_with_more_to_parse_than_pixels_are_decoded_in_a_thread(live, monkeypatch):
+    """Parsing text chunks or a JPEG's or TIFF's headers takes time the pixel count does not
+    bound (a few hundred kB of them: 100 ms or more): only plain PNGs are decoded on the loop."""
+    pixels = Image.fromarray(synthetic(64, 64))
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "x" * 1000)
+    for fmt, options in (("PNG", {"pnginfo": text}), ("TIFF", {})):
+        body = io.BytesIO()
+        pixels.save(body, format=fmt, **options)
+        threads = threads_of(live, monkeypatch, body.getvalue())
+        assert threads["decode"] != live.thread.name
