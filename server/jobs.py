@@ -87,7 +87,13 @@ class JobSettings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="starts of a job whose runner keeps dying before it is marked failed"
     )
-    tile_size: int = Field(512, ge=16, multiple_of=16, description="window side of a job's tiles")
+    tile_size: int | None = Field(
+        None,
+        ge=16,
+        multiple_of=16,
+        description="window side of a job's tiles (unset: the chosen graph's measured tile, "
+        "else UNETPP_TILE_SIZE)",
+    )
     tile_overlap: int = Field(
         64, ge=0, multiple_of=16, description="overlap of neighbouring windows"
     )
@@ -472,14 +478,15 @@ class SlideJobs:
     """The default `Process`: the job's TIFF through core/slide.py on the sessions the server
     serves its model with (the registry's engine, leased for the whole job: a reload or unload
     closes them only after it), on the graph its routing options choose (core/routing.py, on
-    the engine's live latency figures). Each batch of windows holds its activation bytes
+    the engine's live latency figures), in windows of `tile` px (None: the graph's measured
+    tile, else the server's tile_size). Each batch of windows holds its activation bytes
     against the server's memory budget while it runs, as a batch of requests does; a batch is
     at most as many windows as the budget holds. Runs in a worker thread: what touches the
     registry, the engine or the budget runs on `loop`."""
 
     registry: Registry
     loop: asyncio.AbstractEventLoop
-    tile: int = 512
+    tile: int | None = None
     overlap: int = 64
     batch: int = 4
 
@@ -489,10 +496,10 @@ class SlideJobs:
         with slide.open_slide(job.upload) as pages:
             page = pages[0]
         with self._lease(job.params.get("model")) as engine:
-            route = self._on_loop(self._route, engine, job.params, page.height, page.width)
+            route, tile = self._on_loop(self._route, engine, job.params, page.height, page.width)
             runner = engine.runners[route.graph]
             per_pixel = engine.figures[route.graph].bytes_per_pixel
-            window = per_pixel * min(self.tile, page.height) * min(self.tile, page.width)
+            window = per_pixel * min(tile, page.height) * min(tile, page.width)
             batch = max(1, min(self.batch, engine.budget.capacity // window))
             result = slide.segment_slide(
                 job.upload,
@@ -500,7 +507,7 @@ class SlideJobs:
                 self._budgeted(runner, engine.budget, per_pixel),
                 preprocessing=engine.model.manifest.preprocessing,
                 decide=engine.model.manifest.task.labels,
-                tile=self.tile,
+                tile=tile,
                 overlap=self.overlap,
                 batch=batch,
                 progress=progress,
@@ -510,6 +517,7 @@ class SlideJobs:
             "model": engine.name,
             "graph": route.graph,
             "route_reason": route.reason,
+            "tile": tile,
             "batch": batch,
             "pages": result.pages,
             "height": result.height,
@@ -519,20 +527,35 @@ class SlideJobs:
     def check(self, params: dict[str, Any]) -> None:
         """Raise BadParameter for routing options no image could satisfy, ModelNotFound for an
         unknown model (at submission, on the event loop)."""
-        self._route(self.registry.engine(params.get("model")), params, self.tile, self.tile)
+        engine = self.registry.engine(params.get("model"))
+        side = self.tile or engine.settings.tile_size
+        self._route(engine, params, side, side)
 
-    def _route(self, engine: Engine, params: dict[str, Any], height: int, width: int) -> Route:
-        """A graph of the engine (a whole slide does not run the adaptive cascade)."""
-        how = slide.plan(
-            height, width, engine.model.manifest.preprocessing, self.tile, self.overlap
-        )
+    def _route(
+        self, engine: Engine, params: dict[str, Any], height: int, width: int
+    ) -> tuple[Route, int]:
+        """A graph of the engine (a whole slide does not run the adaptive cascade), each
+        predicted on its own windows, and the chosen one's window side."""
+        prep = engine.model.manifest.preprocessing
+        plans = {
+            name: slide.plan(height, width, prep, self._tile(engine, name), self.overlap)
+            for name in engine.runners
+        }
         graphs = [runner.graph for runner in engine.runners.values()]
-        return choose(
+        how = replace(next(iter(plans.values())), graphs=plans)
+        route = choose(
             pipeline.candidates(graphs, how, engine.predictor.predict),
             _choice(params),
             default_mode=engine.settings.default_mode,
             fast_tolerance=engine.settings.fast_tolerance,
         )
+        return route, self._tile(engine, route.graph)
+
+    def _tile(self, engine: Engine, graph: str) -> int:
+        if self.tile is not None:
+            return self.tile
+        measured = engine.figures[graph].tile
+        return engine.settings.tile_size if measured is None else measured.side
 
     def _on_loop(self, function: Callable[..., T], *args: Any) -> T:
         async def call() -> T:

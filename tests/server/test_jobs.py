@@ -26,16 +26,17 @@ KEY = {"Authorization": "Bearer k3y"}
 
 
 @contextmanager
-def serve(repository: Path, jobs: Path, log: Path, **env: str) -> Iterator[Server]:
-    """A real server process on `jobs`, with the API key KEY; its log appended to `log`."""
-    settings = {
+def serve(repository: Path, jobs: Path, log: Path, **env: str | None) -> Iterator[Server]:
+    """A real server process on `jobs`, with the API key KEY; its log appended to `log`
+    (`env`: more settings; None leaves one of these defaults unset)."""
+    defaults = {
         "UNETPP_JOBS_DIR": str(jobs),
         "UNETPP_JOBS_TILE_SIZE": str(TILE),
         "UNETPP_JOBS_TILE_OVERLAP": str(OVERLAP),
         "UNETPP_JOBS_POLL_S": "0.2",
         "UNETPP_API_KEY": "k3y",
-        **env,
     }
+    settings = {k: v for k, v in {**defaults, **env}.items() if v is not None}
     own = log.with_name(f"{log.name}.{time.monotonic_ns()}")
     try:
         with (
@@ -267,3 +268,25 @@ def test_a_job_runs_on_the_served_engine_through_a_reload_and_an_unload(tiny_rep
         assert refused.status_code == 503 and refused.json()["error"] == "model_unavailable"
         assert c.post(f"/v2/repository/models/{model}/load").status_code == 200
         assert server.wait(server.submit(big, level=1, model=model))["state"] == "done"
+
+
+def test_a_job_runs_in_its_graphs_measured_tile(tiny_repository, tmp_path, slide_pages):
+    """Without UNETPP_JOBS_TILE_SIZE a job's windows are the side measured for its graph (as
+    large requests' tiles are), and its result equals in-memory inference in that tile."""
+    side = 160  # the one candidate side: not tile_size (128)
+    env = {"UNETPP_JOBS_TILE_SIZE": None, "UNETPP_TILE_SIDES": f"[{side}]"}
+    with serve(tiny_repository, tmp_path / "jobs", tmp_path / "log", **env) as server:
+        deadline = time.monotonic() + 120
+        while True:  # the background calibration, after ready
+            (model,) = server.client.get("/v1/models").json()["models"]
+            tiles = {g["name"]: g["tile"] for g in model["graphs"]}
+            if tiles["L2"]:
+                break
+            assert time.monotonic() < deadline, tiles
+            time.sleep(0.2)
+        assert tiles["L2"]["side"] == side
+        job = server.wait(server.submit(tiff(*slide_pages), level=2))
+        assert job["state"] == "done" and job["info"]["tile"] == side, job
+        result = server.client.get(f"/v1/jobs/{job['id']}/result")
+    (tmp_path / "out.tif").write_bytes(result.content)
+    check_slide_result(tiny_repository, "L2", slide_pages, tmp_path / "out.tif", side, OVERLAP)
