@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unetpp.core.datasets import data_task, load_split
+from unetpp.core.datasets import SOURCES, data_task, load_split
 from unetpp.core.errors import InvalidInput, UNetPPError
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.config import DATA_SEED, TrainConfig, check_resume
@@ -29,7 +29,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return replace(stored, **{"stop_at_step": None, **given})
     if "data" not in given:
         raise InvalidInput(
-            "--data is required (synthetic, hela or a folder) unless --resume is given"
+            f"--data is required ({', '.join(SOURCES)} or a folder) unless --resume is given"
         )
     return TrainConfig(**given)
 

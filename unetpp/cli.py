@@ -43,11 +43,13 @@ def _serve(p: argparse.ArgumentParser) -> None:
 
 
 def _data_arguments(p: argparse.ArgumentParser, flag: str, required: bool) -> None:
+    from unetpp.core.datasets import SOURCES
+
     p.add_argument(
         flag,
         required=required,
         metavar="SOURCE",
-        help="synthetic, synthetic-classes, hela or a folder with images/ and masks/ "
+        help=f"{', '.join(SOURCES)} or a folder with images/ and masks/ "
         "(and classes.json for label maps)",
     )
     p.add_argument("--val-dir", help="a folder source's separate validation folder")
@@ -185,9 +187,11 @@ def _export(p: argparse.ArgumentParser) -> None:
     "IoU, Dice and ms/image of every graph of a model repository (onnxruntime, no torch)",
 )
 def _evaluate(p: argparse.ArgumentParser) -> None:
+    from unetpp.core.datasets import SPLITS
+
     p.add_argument("directory", help="a model repository written by unetpp export")
     _data_arguments(p, "--data", required=True)
-    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="(default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -270,9 +274,11 @@ def _models(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "unetpp.demo:main", "build the default model once (train + export), then serve it")
 def _demo(p: argparse.ArgumentParser) -> None:
+    from unetpp.core.datasets import SOURCES
+
     p.add_argument(
         "--data",
-        choices=("synthetic", "synthetic-classes", "hela"),
+        choices=SOURCES,
         default="synthetic",
         help="(default synthetic)",
     )
