@@ -530,7 +530,7 @@ class Trainer:
 
 def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train in this process (or as one rank of a torchrun job); returns the output folder.
-    `resume`: a last.pt to continue exactly; `config` must match its run (see RESUMABLE)."""
+    `resume`: a last.pt to continue exactly; `config` must match its run (config.RESUMABLE)."""
     resumed = None
     if resume is not None:
         resumed = load_checkpoint(resume)
