@@ -20,7 +20,7 @@ from unetpp.core.preprocess import Preprocessing
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.config import DEFAULT_EPOCHS, TrainConfig
 from unetpp.model.launch import config_from_args
-from unetpp.model.train import evaluate, train
+from unetpp.model.train import RunningLoss, evaluate, train
 from unetpp.model.unetpp import WIDTHS
 
 TINY = (4, 8, 16, 32, 64)
@@ -108,6 +108,18 @@ def test_resume_mid_epoch_continues_exactly(straight, tmp_path):
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
         {k: v for k, v in r.items() if k not in timing} for r in full
     ]
+
+
+def test_last_pt_keeps_the_epoch_sums_list(tmp_path):
+    """The running loss is stored as it always was ([loss, L1..L4, batches], so older last.pt
+    files resume) and gives the means that metrics.jsonl records."""
+    train(tiny_config(tmp_path, stop_at_step=2))
+    stored = load_checkpoint(tmp_path / "last.pt").training["epoch_sums"]
+    assert len(stored) == 6 and stored[-1] == 2.0 and stored[0] > 0
+    assert RunningLoss.from_list(stored).to_list() == stored
+    (line,) = records(tmp_path)  # the partial validation at step 2: means over its 2 batches
+    assert line["train_loss"] == round(stored[0] / 2, 6)
+    assert list(line["train_loss_heads"].values()) == [round(v / 2, 6) for v in stored[1:5]]
 
 
 def test_resume_refuses_a_different_run(straight):
