@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -20,7 +21,7 @@ from unetpp.core.preprocess import Preprocessing
 from unetpp.model.checkpoint import load_checkpoint
 from unetpp.model.config import DEFAULT_EPOCHS, TrainConfig
 from unetpp.model.launch import config_from_args
-from unetpp.model.train import RunningLoss, evaluate, train
+from unetpp.model.train import RunningLoss, Stop, evaluate, train
 from unetpp.model.unetpp import WIDTHS
 
 TINY = (4, 8, 16, 32, 64)
@@ -129,9 +130,11 @@ def test_resume_refuses_a_different_run(straight):
         train(tiny_config(straight), resume=straight / "best.pt")
 
 
-def test_time_budget_stops_cleanly_with_a_valid_checkpoint(tmp_path):
+def test_time_budget_stops_cleanly_with_a_valid_checkpoint(tmp_path, caplog):
     # an epoch of 10,000 steps: the 1.8 s budget ends it midway however fast this machine is
+    caplog.set_level(logging.INFO, logger="unetpp.model.train")
     train(tiny_config(tmp_path, epochs=None, time_budget=0.03, epoch_crops=80_000))
+    assert f"training stopped ({Stop.TIME_BUDGET.value}) after" in caplog.text
     last = load_checkpoint(tmp_path / "last.pt")
     assert last.training["epoch"] == 0 and 0 < last.training["step"] < 10_000
     (line,) = records(tmp_path)
