@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         "pixel (docs/big-images.md); empty: always `tile_size`",
     )
     tile_bytes: int = Field(
-        512 << 20,
+        1 << 30,
         ge=1,
         description="activation bytes one image's tiles may hold at once: a graph's tile side "
         "and batch are chosen within it (and only runs within it are measured)",
