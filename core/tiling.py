@@ -30,16 +30,22 @@ RATE_SLACK = 1.1
 
 @dataclass(frozen=True)
 class TileRun:
-    """A measured run of `batch` windows of `side` x `side` pixels: `ms` for the whole batch."""
+    """A measured run of `batch` windows of `side` x `side` pixels: `ms` for the whole batch,
+    and the activation bytes it was measured to hold (0: not measured)."""
 
     side: int
     batch: int
     ms: float
+    bytes: int = 0
 
     @property
     def pixels(self) -> int:
         """Input pixels of the batch (its activation bytes are proportional to them)."""
         return self.batch * self.side * self.side
+
+    def activations(self, bytes_per_pixel: int) -> int:
+        """Its measured bytes, else `bytes_per_pixel` times its pixels."""
+        return self.bytes or bytes_per_pixel * self.pixels
 
     def ms_per_pixel(self, overlap: int) -> float:
         """Per new output pixel of a large image: each window adds about (side - overlap)^2."""
@@ -50,11 +56,14 @@ def choose_tile(
     runs: Iterable[TileRun], *, overlap: int, bytes_per_pixel: int, room: int
 ) -> TileRun | None:
     """The tile (side and batch) for a graph from its measured runs: the lowest ms per new
-    output pixel among the runs whose activations fit `room` bytes (`bytes_per_pixel` per
-    input pixel) and whose side is over twice the overlap; of those within RATE_SLACK of it,
-    the one with the fewest input pixels (then the smaller side). None when none qualifies."""
+    output pixel among the runs whose activations fit `room` bytes (as measured for the run,
+    else `bytes_per_pixel` per input pixel) and whose side is over twice the overlap; of those
+    within RATE_SLACK of it, the one with the fewest input pixels (then the smaller side).
+    None when none qualifies."""
     fits = [
-        r for r in runs if r.side > 2 * overlap and r.ms > 0 and bytes_per_pixel * r.pixels <= room
+        r
+        for r in runs
+        if r.side > 2 * overlap and r.ms > 0 and r.activations(bytes_per_pixel) <= room
     ]
     if not fits:
         return None

@@ -244,7 +244,7 @@ class Engine:
         finally:
             self.budget.release(cost)
         figures.measured(peak, side * side * batch)
-        return tiling.TileRun(side, batch, ms)
+        return tiling.TileRun(side, batch, ms, int(MEMORY_MARGIN * peak) if peak else 0)
 
     def _choose_tile(self, graph: str, runs: list[tiling.TileRun]) -> None:
         """The graph's tile from its runs (core/tiling.py `choose_tile`); the predictor learns

@@ -107,6 +107,18 @@ def test_a_tile_whose_activations_pass_the_room_is_not_chosen():
     assert choose_tile([], overlap=64, bytes_per_pixel=1000, room=1 << 40) is None
 
 
+def test_a_runs_own_measured_bytes_decide_whether_it_fits():
+    """A batch run measured to hold less than the graph's largest bytes per pixel suggests
+    (that figure is the maximum over every run) still qualifies, and one measured to hold
+    more does not."""
+    batched = TileRun(512, 3, 300.0, bytes=600 << 20)  # 763 bytes per pixel measured
+    alone = TileRun(512, 1, 200.0)
+    room = 1 << 30  # at the graph's 1500 bytes per pixel, 3 x 512 x 512 would need 1.1 GiB
+    assert choose_tile([batched, alone], overlap=64, bytes_per_pixel=1500, room=room) == batched
+    heavy = TileRun(512, 3, 300.0, bytes=(1 << 30) + 1)
+    assert choose_tile([heavy, alone], overlap=64, bytes_per_pixel=1, room=room) == alone
+
+
 def test_within_the_slack_of_the_best_rate_the_smallest_footprint_wins():
     best = TileRun(512, 8, 8 * 400.0)
     near = TileRun(512, 1, 400.0 * (RATE_SLACK - 0.01))  # as fast within the slack, 1/8 the bytes
@@ -121,6 +133,7 @@ runs_strategy = st.lists(
         st.sampled_from([128, 256, 384, 512, 768, 1024]),
         st.integers(1, 8),
         st.floats(0.1, 1e5, allow_nan=False),
+        st.integers(0, 1 << 34),
     ),
     max_size=12,
 )
@@ -132,7 +145,7 @@ def test_the_choice_is_a_pure_function_of_its_measurements(runs, overlap, per_pi
     fits the room and is within the slack of every run that fits."""
     chosen = choose_tile(runs, overlap=overlap, bytes_per_pixel=per_pixel, room=room)
     assert chosen == choose_tile(runs[::-1], overlap=overlap, bytes_per_pixel=per_pixel, room=room)
-    fits = [r for r in runs if r.side > 2 * overlap and per_pixel * r.pixels <= room]
+    fits = [r for r in runs if r.side > 2 * overlap and r.activations(per_pixel) <= room]
     assert (chosen is None) == (not fits)
     if chosen is not None:
         assert chosen in fits
