@@ -848,6 +848,11 @@ def startup_section(d: dict[str, Any], where: Place) -> str:
         values = [run[key] for run in r["runs"]]
         return f"**{r[key]:.1f}** ({min(values):.1f}..{max(values):.1f})"
 
+
+What the export measured on the same repository (the manifest: IoU in % on its validation
+data, run by the entry's backend; latency at 256x256, batch 1, during the export):
+
+{exported}
     table = md_table(
         ["server", "graphs", "listening s", "sessions open s", "ready s", "first answer s",
          "load average (1 min) per run"],
