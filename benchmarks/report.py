@@ -827,16 +827,32 @@ def backends_section(d: dict[str, Any], where: Place) -> str:
             for key, c in cells.items()
         ],
     )
+    exported = md_table(
+        ["graph", "precision", "backend", "IoU", "data", "ms at 256 (export)"],
+        [
+            [e["graph"], e["precision"], e["backend"], pct(e["iou"], 2), e["data"] or "—",
+             e["latency_ms"].get("256", "—")]
+            for e in d.get("exported", [])
+        ],
+        "lllrlr",
+    )  # fmt: skip
     return f"""## Backends: onnxruntime against OpenVINO (`backends`)
 
 {run_facts(d)}
 
-Repository `{d["models"]}`; OpenVINO {d["openvino"]}. Each cell: milliseconds per image
-(median, interleaved), its speed-up over onnxruntime fp32 of the same graph, size and batch,
-and the share of mask pixels equal to onnxruntime fp32's at the manifest's threshold / at the
-median of onnxruntime fp32's logits (half the pixels on each side).
+Repository `{d["models"]}`; images: crops of `{d.get("data", "synthetic")}` (validation
+split); OpenVINO {d["openvino"]}. Each cell: milliseconds per image (median of rounds, the
+variants taking turns, each opened alone), its speed-up over onnxruntime fp32 of the same
+graph, size and batch, and the share of mask pixels equal to onnxruntime fp32's at the
+manifest's threshold / at the median of onnxruntime fp32's logits (half the pixels on each
+side). bf16 is the fp32 file run by OpenVINO in bf16.
 
 {table}
+
+What the export measured on the same repository (the manifest: IoU in % on its validation
+data, run by the entry's backend; latency at 256x256, batch 1, during the export):
+
+{exported}
 """
 
 
@@ -848,11 +864,6 @@ def startup_section(d: dict[str, Any], where: Place) -> str:
         values = [run[key] for run in r["runs"]]
         return f"**{r[key]:.1f}** ({min(values):.1f}..{max(values):.1f})"
 
-
-What the export measured on the same repository (the manifest: IoU in % on its validation
-data, run by the entry's backend; latency at 256x256, batch 1, during the export):
-
-{exported}
     table = md_table(
         ["server", "graphs", "listening s", "sessions open s", "ready s", "first answer s",
          "load average (1 min) per run"],
@@ -962,6 +973,7 @@ SECTIONS: dict[str, Renderer | None] = {
     "pruning": pruning_section,
     "levels": levels_section,
     "server": server_section,
+    "overhead": overhead_section,
     "gpu": None,  # no results file yet: the section says why
     "docker_images": docker_section,
     "soak": soak_section,
@@ -978,7 +990,6 @@ SECTIONS: dict[str, Renderer | None] = {
 GROUPS: dict[str, tuple[str, str, Renderer]] = {
     "soak_": (
         "Soak variants (`soak --name NAME`)",
-    "overhead": overhead_section,
         "The same soak and overload with other server settings, beside the one above.",
         soak_body,
     ),
