@@ -114,6 +114,7 @@ class Engine:
         )
         self.figures = {graph: GraphFigures(latency_source={}) for graph in model.runners}
         self.leases = 0  # requests holding this engine (see `lease`)
+        self.closed = False
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher = Batcher(
@@ -229,14 +230,16 @@ class Engine:
     async def _measure(
         self, runner: Runner, side: int, batch: int, stop: threading.Event
     ) -> tiling.TileRun | None:
-        """One calibration run when the engine is idle and the budget has room (None: stopped)."""
+        """One calibration run when the engine is idle and the budget has room (None: the
+        server stops or the engine was closed, retired by a reload: its refinement ends, and
+        with it the last reference that would keep its sessions alive)."""
         figures = self.figures[runner.graph.name]
         cost = figures.bytes_per_pixel * side * side * batch
-        while not stop.is_set() and (
+        while not (stop.is_set() or self.closed) and (
             self.gate.in_flight or self.budget.room(cost, 1) == 0 or self.budget.in_use
         ):
             await asyncio.sleep(0.2)
-        if stop.is_set():
+        if stop.is_set() or self.closed:
             return None
         self.budget.take(cost)
         try:
@@ -291,6 +294,7 @@ class Engine:
         self.batcher.start()
 
     async def close(self) -> None:
+        self.closed = True
         await self.batcher.close()
 
     # --- requests ------------------------------------------------------------------------

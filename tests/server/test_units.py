@@ -380,6 +380,18 @@ def test_tile_bytes_bound_the_measured_runs_and_the_batches_before_they_are_meas
     assert engine.plan(engine.preprocess(image(256, 256))).batch == 5
 
 
+def test_a_closed_engine_stops_refining():
+    """A reload retires the old engine (closed once idle): its background calibration ends
+    instead of keeping it, and its sessions, alive for minutes."""
+    engine = engine_for(tile_sides=(48, 64))
+    for name in GRAPHS:
+        session(engine, name).batches.clear()
+    asyncio.run(engine.close())
+    asyncio.run(engine.refine(threading.Event()))
+    assert not any(session(engine, name).batches for name in GRAPHS)
+    assert all(f.tile is None for f in engine.figures.values())
+
+
 def test_each_graph_tiles_at_its_own_measured_tile_and_batch():
     """L4 measured fastest per output pixel at 48 px in batches of 2 (given figures), L1 at 96
     px alone; the other graphs are unmeasured and keep `tile_size` (128). A 256x256 image on
