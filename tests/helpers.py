@@ -5,10 +5,13 @@ torch on one thread."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +23,12 @@ import httpx
 import numpy as np
 import uvicorn
 import yaml
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from unetpp.core.imageio import encode_png
-from unetpp.core.manifest import sha256_file
+from unetpp.core.inference import create_session, predict_logits
+from unetpp.core.manifest import read_manifest, sha256_file
 from unetpp.server.app import create_app
 from unetpp.server.settings import Settings
 
@@ -272,3 +278,117 @@ def post_image(server: LiveServer, path: str, **params) -> httpx.Response:
     return server.client.post(
         path, content=image, params=params, headers={"content-type": "image/png"}
     )
+
+
+# --- real servers over HTTP, shared by the server tests ---
+
+
+LENGTH = "Inference-Header-Content-Length"
+
+
+def model_name(repository) -> str:
+    return read_manifest(repository).name
+
+
+def binary_request(header: dict, *arrays: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    body = head + b"".join(a.astype(a.dtype.newbyteorder("<")).tobytes() for a in arrays)
+    return body, {LENGTH: str(len(head)), "content-type": "application/octet-stream"}
+
+
+def decode(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def reference_logits(repository, graph_name: str, image: np.ndarray) -> np.ndarray:
+    """Whole-image inference with onnxruntime alone, outside the server."""
+    manifest = read_manifest(repository)
+    graph = manifest.graph(graph_name)
+    session = create_session(repository / graph.file)
+    return predict_logits(session, image, manifest.preprocessing, graph.output)[0]
+
+
+def failed_readiness(server) -> dict:
+    """/readyz once loading has ended; it must have failed."""
+    deadline = time.monotonic() + 30
+    while server.client.get("/healthz").json()["model"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = server.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["error"] == "not_ready"
+    assert server.client.get("/healthz").json() == {"status": "alive", "model": "failed"}
+    return r.json()
+
+
+def first_response(url: str, request: bytes) -> tuple[int, bytes]:
+    """Send raw bytes; the status and body of the first answer (0, b"" if the server just
+    closes the connection)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+        if not data:
+            return 0, b""
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            (
+                int(v)
+                for k, v in (h.split(": ", 1) for h in lines[1:])
+                if k.lower() == "content-length"
+            ),
+            0,
+        )
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+    return int(lines[0].split()[1]), body
+
+
+@contextmanager
+def serve(repository: Path, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    settings = {
+        "UNETPP_CALIBRATION_REPEATS": "1",
+        "UNETPP_TILE_SIZE": "128",
+        "UNETPP_TILE_OVERLAP": "32",
+        **env,
+    }
+    with log.open("w") as out:  # a file, not a pipe: one access-log line per request
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "unetpp.server",
+                "--models",
+                str(repository),
+                "--port",
+                str(port),
+            ],
+            env={**os.environ, **settings},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=120)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def scrape(client, **kwargs) -> dict[tuple[str, tuple], float]:
+    r = client.get("/metrics", **kwargs)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

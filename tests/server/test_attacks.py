@@ -23,12 +23,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import synthetic
+from tests.helpers import LENGTH, binary_request, model_name, scrape, serve, synthetic, value
 from unetpp.core.imageio import encode_png
-
-from .test_lifecycle import serve
-from .test_operations import scrape, value
-from .test_v2 import LENGTH, binary_request, model_name
 
 CAP = 64  # UNETPP_MAX_CONNECTIONS
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S, MIN_BODY_RATE, WRITE_TIMEOUT_S = 2.0, 1.0, 1000, 1.0

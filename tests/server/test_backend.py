@@ -9,8 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import settings, start, stop, synthetic
-from tests.server.test_http import decode, failed_readiness, reference_logits
+from tests.helpers import (
+    decode,
+    failed_readiness,
+    reference_logits,
+    settings,
+    start,
+    stop,
+    synthetic,
+)
 from unetpp.core.backends import bf16_runs
 from unetpp.core.imageio import encode_png
 

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 from tests.helpers import (
     corrupt_graph,
     edit_manifest,
+    failed_readiness,
     free_port,
     replace_graph,
     settings,
@@ -35,8 +36,6 @@ from tests.helpers import (
     synthetic,
 )
 from unetpp.core.imageio import encode_png
-
-from .test_http import failed_readiness
 
 
 def missing_graph(repository: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import zlib
 
@@ -17,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers import synthetic
+from tests.helpers import first_response, synthetic
 from unetpp.core.imageio import encode_png
 
 # Pillow warns about the corrupt files these tests are made of
@@ -348,32 +347,6 @@ def test_json_and_other_bodies(live, image_png):
         "/v1/segment", content=image_png, headers={"content-type": "IMAGE/PNG; x=y"}
     )
     assert r.status_code == 200  # media types are case-insensitive, parameters ignored
-
-
-def first_response(url: str, request: bytes) -> tuple[int, bytes]:
-    """Send raw bytes; the status and body of the first answer (0, b"" if the server just
-    closes the connection)."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-            data += chunk
-        if not data:
-            return 0, b""
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        length = next(
-            (
-                int(v)
-                for k, v in (h.split(": ", 1) for h in lines[1:])
-                if k.lower() == "content-length"
-            ),
-            0,
-        )
-        while len(body) < length and (chunk := sock.recv(65536)):
-            body += chunk
-    return int(lines[0].split()[1]), body
 
 
 def test_byte_counts_that_lie(live, image_png):

@@ -18,6 +18,9 @@ from tests.helpers import (
     TILE_OVERLAP,
     TILE_SIZE,
     LiveServer,
+    decode,
+    failed_readiness,
+    reference_logits,
     settings,
     start,
     stop,
@@ -25,7 +28,6 @@ from tests.helpers import (
     unrle,
 )
 from unetpp.core.imageio import encode_png
-from unetpp.core.inference import create_session, predict_logits
 from unetpp.core.manifest import read_manifest
 from unetpp.core.tiling import starts
 
@@ -37,18 +39,6 @@ ROUTE_HEADERS = (
     "x-unetpp-inference-ms",
     "x-unetpp-queue-ms",
 )
-
-
-def decode(content: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(content)))
-
-
-def reference_logits(repository, graph_name: str, image: np.ndarray) -> np.ndarray:
-    """Whole-image inference with onnxruntime alone, outside the server."""
-    manifest = read_manifest(repository)
-    graph = manifest.graph(graph_name)
-    session = create_session(repository / graph.file)
-    return predict_logits(session, image, manifest.preprocessing, graph.output)[0]
 
 
 def route_of(response) -> dict:
@@ -101,18 +91,6 @@ def test_openapi_describes_the_segment_endpoint(live):
     assert {"multipart/form-data", "image/png"} <= set(op["requestBody"]["content"])
     assert {"413", "415", "422", "503"} <= set(op["responses"])
     assert live.client.get("/docs").status_code == 200
-
-
-def failed_readiness(server) -> dict:
-    """/readyz once loading has ended; it must have failed."""
-    deadline = time.monotonic() + 30
-    while server.client.get("/healthz").json()["model"] == "loading":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    r = server.client.get("/readyz")
-    assert r.status_code == 503 and r.json()["error"] == "not_ready"
-    assert server.client.get("/healthz").json() == {"status": "alive", "model": "failed"}
-    return r.json()
 
 
 def test_cuda_demanded_but_unusable_is_not_ready_and_says_why(tiny_repository):

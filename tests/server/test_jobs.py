@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import check_slide_result, synthetic, write_slide
-
-from . import test_lifecycle as lifecycle
+from tests.helpers import serve as serve_model
 
 TILE, OVERLAP = 128, 32
 KEY = {"Authorization": "Bearer k3y"}
@@ -40,7 +39,7 @@ def serve(repository: Path, jobs: Path, log: Path, **env: str | None) -> Iterato
     own = log.with_name(f"{log.name}.{time.monotonic_ns()}")
     try:
         with (
-            lifecycle.serve(repository, own, **settings) as (url, proc),
+            serve_model(repository, own, **settings) as (url, proc),
             httpx.Client(base_url=url, headers=KEY, timeout=60) as client,
         ):
             yield Server(client, proc)

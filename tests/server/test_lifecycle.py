@@ -5,60 +5,20 @@ requests in flight: readiness goes false first, every request is answered, the p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.helpers import free_port, synthetic, wait_ready
+from tests.helpers import scrape, serve, synthetic, value
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest
 
-from .test_operations import scrape, value
-
 KEY = {"Authorization": "Bearer k3y"}
-
-
-@contextmanager
-def serve(repository: Path, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    settings = {
-        "UNETPP_CALIBRATION_REPEATS": "1",
-        "UNETPP_TILE_SIZE": "128",
-        "UNETPP_TILE_OVERLAP": "32",
-        **env,
-    }
-    with log.open("w") as out:  # a file, not a pipe: one access-log line per request
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "unetpp.server",
-                "--models",
-                str(repository),
-                "--port",
-                str(port),
-            ],
-            env={**os.environ, **settings},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=120)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
 
 
 def set_version(repository: Path, version: str) -> None:

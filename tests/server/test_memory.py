@@ -13,10 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.helpers import synthetic
+from tests.helpers import serve, synthetic
 from unetpp.client import Client
-
-from .test_lifecycle import serve
 
 CEILING = 900 << 20
 

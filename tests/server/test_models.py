@@ -13,11 +13,18 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import model_states, post_image, settings, start, stop, synthetic
+from tests.helpers import (
+    model_states,
+    post_image,
+    scrape,
+    serve,
+    settings,
+    start,
+    stop,
+    synthetic,
+    value,
+)
 from unetpp.core.imageio import encode_png
-
-from .test_lifecycle import serve
-from .test_operations import scrape, value
 
 
 def test_models_are_served_by_name_side_by_side(several_models):

@@ -6,23 +6,8 @@ import logging
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import settings, start, stop
-
-
-def scrape(client, **kwargs) -> dict[tuple[str, tuple], float]:
-    r = client.get("/metrics", **kwargs)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from tests.helpers import scrape, settings, start, stop, value
 
 
 def test_metrics_move_when_requests_are_served(live, image_png):

@@ -15,11 +15,8 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from packaging.requirements import Requirement
 
-from tests.helpers import settings, start, stop
+from tests.helpers import failed_readiness, first_response, settings, start, stop
 from unetpp.core.manifest import read_manifest
-
-from .test_hostile_input import first_response
-from .test_http import failed_readiness
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,27 +7,14 @@ import json
 
 import numpy as np
 
+from tests.helpers import LENGTH, binary_request, decode, model_name
 from unetpp.core.manifest import read_manifest
-
-from .test_http import decode
-
-LENGTH = "Inference-Header-Content-Length"
-
-
-def model_name(repository) -> str:
-    return read_manifest(repository).name
 
 
 def v1_mask(live, image_png: bytes, level: int) -> np.ndarray:
     r = live.segment(image_png, level=level)
     assert r.status_code == 200, r.text
     return decode(r.content) > 0
-
-
-def binary_request(header: dict, *arrays: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(header).encode()
-    body = head + b"".join(a.astype(a.dtype.newbyteorder("<")).tobytes() for a in arrays)
-    return body, {LENGTH: str(len(head)), "content-type": "application/octet-stream"}
 
 
 def split_response(response) -> tuple[dict, bytes]:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .test_v2 import LENGTH, binary_request, model_name
+from tests.helpers import LENGTH, binary_request, model_name
 
 BOUNDED = settings(max_examples=60)  # the rest: the "unetpp" profile (tests/conftest.py)
 GOOD = {"name": "image", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
