@@ -175,8 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", default=BEFORE, help="the commit to compare with")
     parser.add_argument("--after", default="HEAD", help="the commit measured against it")
     parser.add_argument("--repeats", type=int, default=40, help="requests per server and target")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of this client and both servers (negative, as root: ahead of the other "
+        "work on a shared machine, closer to an idle one)",
+    )
     parser.add_argument("--quick", action="store_true", help="5 requests each (a smoke run)")
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # the servers, started below, inherit it
     study = Study("overhead", args.quick)
     refs = {"before": commit(args.before), "after": commit(args.after)}
     sites = {version: install_before(ref) for version, ref in refs.items()}
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         models=str(models.relative_to(ROOT)) if models.is_relative_to(ROOT) else str(models),
         image=f"256x256 crop of HeLa test frame 17 (16-bit grey PNG, {len(png):,} bytes)",
         settle_s=SETTLE_S,
+        nice=args.nice,
         rows=rows,
     )
 
