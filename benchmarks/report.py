@@ -846,7 +846,7 @@ split); OpenVINO {d["openvino"]}. Each cell: milliseconds per image (median of r
 variants taking turns, each opened alone), its speed-up over onnxruntime fp32 of the same
 graph, size and batch, and the share of mask pixels equal to onnxruntime fp32's at the
 manifest's threshold / at the median of onnxruntime fp32's logits (half the pixels on each
-side). bf16 is the fp32 file run by OpenVINO in bf16.
+side). bf16 is the fp32 file run by OpenVINO in bf16.{" " + d["note"] + "." if d.get("note") else ""}
 
 {table}
 
