@@ -373,9 +373,9 @@ def _int8_variants(
 
 
 def _kept(builder: _Builder, fp32: _Entry, variant: _Entry, rejected: list[dict[str, Any]]) -> bool:
-    """Whether the measured variant keeps its fp32 graph's IoU within the margin; if not, it
-    is logged and recorded in `rejected`."""
-    if _iou(fp32) - _iou(variant) <= builder.options.int8_margin:
+    """Whether the measured variant keeps its fp32 graph's IoU within the margin (kept when
+    unmeasured: no validation data); if not, it is logged and recorded in `rejected`."""
+    if not _iou(fp32) - _iou(variant) > builder.options.int8_margin:  # NaN: unmeasured
         return True
     log.warning(
         "%s left out: IoU %.4f vs fp32 %.4f (margin %.4f)",

@@ -37,7 +37,7 @@ def objects_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
         out,
         val_samples=object_samples(),
         val_data="components:val",
-        options=ExportOptions(int8=False, ensemble="never", cascade_targets=()),
+        options=ExportOptions(int8=False, bf16=False, ensemble="never", cascade_targets=()),
     )
     return out
 

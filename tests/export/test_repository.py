@@ -116,7 +116,7 @@ def test_a_unet_baseline_exports_as_one_graph_without_accuracy(tmp_path: Path) -
     ckpt = save_checkpoint(
         tmp_path / "unet.pt", Checkpoint(cfg, Preprocessing(), model.state_dict())
     )
-    options = ExportOptions(int8=False, latency_sizes=(64,))
+    options = ExportOptions(int8=False, bf16=False, latency_sizes=(64,))
     manifest = export_repository(ckpt, tmp_path / "models", options=options)
     (graph,) = manifest.graphs
     assert (graph.name, graph.level, graph.accuracy) == ("L4", 4, None)
