@@ -69,7 +69,7 @@ def choose_tile(
         return None
     best = min(r.ms_per_pixel(overlap) for r in fits)
     near = [r for r in fits if r.ms_per_pixel(overlap) <= RATE_SLACK * best]
-    return min(near, key=lambda r: (r.pixels, r.side, r.ms_per_pixel(overlap)))
+    return min(near, key=lambda r: (r.pixels, r.side, r.ms_per_pixel(overlap), r.bytes))
 
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:

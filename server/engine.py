@@ -45,6 +45,8 @@ UNMEASURED_BYTES_PER_PIXEL = 3200
 # A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
 # several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
 MEMORY_MARGIN = 1.3
+# the largest tile calibration run, in input pixels (batch x side x side): bounds its time
+CALIBRATION_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class Engine:
                 runs.append(measured)
                 if batch == 1:
                     self._seed(name, side, measured.ms, "calibrated")
-                log.info(
+                log.debug(
                     "%s: calibrated %s at %dx%d px: %.1f ms",
                     self.name,
                     name,
@@ -209,14 +211,15 @@ class Engine:
 
     def _tile_candidates(self, bytes_per_pixel: int) -> list[tuple[int, int]]:
         """(side, batch) to measure: each side at batch 1 and at the largest batch up to
-        `max_batch` whose activations fit the tiles' room (a side that does not fit alone is
-        left out)."""
+        `max_batch` whose activations fit the tiles' room and whose pixels stay within
+        CALIBRATION_PIXELS (a side that does not fit alone is left out)."""
         if not self.settings.tile_sides:
             return [(self.settings.tile_size, 1)]
         out = []
         for side in self.settings.tile_sides:
-            batch = min(self.settings.max_batch, self._tile_room // (bytes_per_pixel * side * side))
-            if batch >= 1:
+            fits = self._tile_room // (bytes_per_pixel * side * side)
+            batch = min(self.settings.max_batch, fits, CALIBRATION_PIXELS // (side * side))
+            if fits >= 1:
                 out.append((side, 1))
             if batch > 1:
                 out.append((side, batch))

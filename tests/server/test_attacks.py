@@ -88,6 +88,7 @@ def server(tiny_repository, tmp_path_factory) -> Iterator[Server]:
         "UNETPP_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "UNETPP_MIN_BODY_RATE": str(MIN_BODY_RATE),
         "UNETPP_WRITE_TIMEOUT_S": str(WRITE_TIMEOUT_S),
+        "UNETPP_TILE_SIDES": "[]",  # a quiet server: no tile calibration under the attacks
     }
     with serve(tiny_repository, log, **env) as (url, proc):
         resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
