@@ -152,8 +152,10 @@ def summary(version: str, ref: str, target: str, runs: list[dict[str, Any]]) -> 
         "e2e_ms": med([s["e2e_ms"] for s in runs]),
         "inference_ms": med([s["inference_ms"] for s in runs]),
         "added_ms": med(added),
+        "added_min_ms": round(min(added), 3),  # the least contended request
         "added_p10_ms": round(statistics.quantiles(added, n=10)[0], 3),
         "added_p90_ms": round(statistics.quantiles(added, n=10)[-1], 3),
+        "added_each_ms": [round(a, 2) for a in added],
         "load_1min": [min(s["load_1min"] for s in runs), max(s["load_1min"] for s in runs)],
     }
     if all(s["spans"] for s in runs):

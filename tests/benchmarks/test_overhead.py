@@ -70,4 +70,5 @@ def test_the_report_section(tmp_path):
     }
     text = overhead_section(json.loads(json.dumps(data)), Place(tmp_path))
     assert "level=1 fp32: 10.0 -> 3.0 ms" in text
+    assert "| **3.00** (3.0..3.0) | 3.00 | 1.5..1.5 |" in text
     assert "| level=1 fp32 | after (`abc1234`) | 1.00 | 0.10 | 0.30 | 0.50 | 1.10 |" in text
