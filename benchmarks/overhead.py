@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         help="niceness of this client and both servers (negative, as root: ahead of the other "
         "work on a shared machine, closer to an idle one)",
     )
+    parser.add_argument("--note", default="", help="a remark for the report (the conditions)")
     parser.add_argument("--quick", action="store_true", help="5 requests each (a smoke run)")
     args = parser.parse_args(argv)
     if args.nice:
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         image=f"256x256 crop of HeLa test frame 17 (16-bit grey PNG, {len(png):,} bytes)",
         settle_s=SETTLE_S,
         nice=args.nice,
+        note=args.note,
         rows=rows,
     )
 

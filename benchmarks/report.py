@@ -370,10 +370,11 @@ Goal: at most 3 ms.
 {table}
 
 Where the time goes, from the after server's Server-Timing (medians, ms): *decode* (decoding and
-preprocessing, with the hop to their thread and back), *queue* (waiting for the batch to
-start), *render* (deciding and encoding, with its thread hop), *rest of total* (routing and the
-hops to the batcher's thread and back), *outside the handler* (end to end minus total: HTTP
-parsing and writing, middleware, the client, the loopback connection).
+preprocessing; a small plain PNG's on the event loop, other images' in a thread), *queue*
+(waiting for the batch to start), *render* (deciding and encoding), *rest of total* (routing
+and the hops to the batcher's thread and back), *outside the handler* (end to end minus total:
+HTTP parsing and writing, middleware, the client, the loopback connection).
+{d.get("note", "")}
 
 {spans}
 """
