@@ -909,24 +909,25 @@ def tiles_section(d: dict[str, Any], where: Place) -> str:
     """benchmarks/tiles.py: per graph, cost per output pixel at each tile side; the large
     request before and after."""
     rates = d["rates"]
-    shapes = sorted(
-        {k for t in rates.values() for k in t["runs"]},
-        key=lambda k: tuple(int(v) for v in reversed(k.split("x"))),  # by side, then batch
-    )
     overlap = d["overlap"]
+    sides = sorted({int(k.split("x")[1]) for t in rates.values() for k in t["runs"]})
 
-    def cell(graph: str, run: str) -> str:
-        t = rates[graph]
-        if run not in t["runs"]:
-            return "—"
-        batch, side = (int(v) for v in run.split("x"))
-        us = 1000.0 * t["runs"][run] / (batch * (side - overlap) ** 2)
-        chosen = (batch, side) == (t["batch"], t["side"])
-        return f"**{us:.2f}**" if chosen else f"{us:.2f}"
+    def cell(graph: str, side: int) -> str:
+        """'batch 1 / batch B (xB)' at one side, the chosen run in bold."""
+        t, out = rates[graph], []
+        for run, ms in t["runs"].items():
+            batch, s = (int(v) for v in run.split("x"))
+            if s != side:
+                continue
+            us = f"{1000.0 * ms / (batch * (side - overlap) ** 2):.2f}" + (
+                f" (×{batch})" if batch > 1 else ""
+            )
+            out.append(f"**{us}**" if (batch, side) == (t["batch"], t["side"]) else us)
+        return " / ".join(out) or "—"
 
     rates_table = md_table(
-        ["graph", *(f"{k.split('x')[1]}² × {k.split('x')[0]}" for k in shapes)],
-        [[g, *(cell(g, k) for k in shapes)] for g in rates],
+        ["graph", *(f"{side}²" for side in sides)],
+        [[g, *(cell(g, side) for side in sides)] for g in rates],
     )
     requests = md_table(
         ["graph", "server", "ns per pixel", "÷ best rate per output pixel", "÷ best raw rate",
@@ -954,9 +955,10 @@ def tiles_section(d: dict[str, Any], where: Place) -> str:
 
 Repository `{d["models"]}` (full-width UNet++, untrained weights: time and memory do not depend
 on them). Microseconds per new output pixel (a window of side t adds (t - {overlap})² pixels to
-a large image) of each run the server's background calibration measured (side² × batch, at
-most `UNETPP_TILE_BYTES` of activations), read from `/v1/models`; bold: the tile it chose (the
-fastest, or within 10% of it the fewest activation bytes; — : not run, over the tile bytes).
+a large image) of each run the server's background calibration measured at each side, at batch
+1 / at the largest batch (×B) whose activations fit `UNETPP_TILE_BYTES`, read from
+`/v1/models`; bold: the tile it chose (the fastest, or within 10% of it the fewest activation
+bytes; — : not run, over the tile bytes).
 
 {rates_table}
 
@@ -964,8 +966,9 @@ One {d["image"]} request on a fresh server holding that graph alone, after its b
 calibration; the peak resident set (VmHWM) is reset just before the request
 (`/proc/PID/clear_refs`), so it is the request's. *before* tiles at 512 in batches of up to
 8; the ratios divide the request's inference time per pixel by the graph's best measured
-rate, per output pixel (given the overlap; the goal: within 1.2x) and per input pixel. Medians
-of the rounds, interleaved.
+rate (the table above: another server, minutes earlier), per output pixel (given the overlap;
+the goal: within 1.2x) and per input pixel; below 1, the calibration ran slower than the
+request, the shared CPU's load having moved between them. Medians of the rounds, interleaved.
 
 {requests}
 """
