@@ -89,6 +89,7 @@ class ModelDescription(BaseModel):
     loaded_at: float | None = Field(None, description="Unix time of its last (re)load")
     model: ModelInfo | None = None
     device: str | None = None
+    backend: str | None = Field(None, description="the runtime of its graphs (UNETPP_BACKEND)")
     providers: list[str] = []
     modes_at_reference: dict[str, str] = Field(
         {}, description="the graph each mode picks for a reference-size image"
@@ -143,6 +144,7 @@ def describe(slot: Slot) -> ModelDescription:
                 directory=str(engine.model.directory),
             ),
             "device": engine.model.device,
+            "backend": engine.model.backend,
             "providers": list(engine.model.providers),
             "modes_at_reference": modes,
             "graphs": [_graph(engine, name, plan) for name in engine.runners],

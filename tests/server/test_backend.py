@@ -40,6 +40,7 @@ def test_openvino_backend_serves_fp32_and_bf16_graphs(tiny_bf16_repository, monk
     try:
         served = graphs(live)
         assert {"L1", "L4", "L1.bf16", "L4.bf16"} <= set(served)
+        assert live.client.get("/v1/models").json()["models"][0]["backend"] == "openvino"
         reference = reference_logits(tiny_bf16_repository, "L4", IMAGE) > 0.0
         assert 0 < reference.mean() < 1
         fp32 = live.segment(encode_png(IMAGE), level=4, precision="fp32")

@@ -67,6 +67,7 @@ def test_health_ready_and_models(live, tiny_repository):
         "graphs": models["graphs"]  # served counters may move between the two calls
     }
     assert models["state"] == "ready" and models["device"] == "cpu"
+    assert models["backend"] == "onnxruntime"
     assert models["providers"] == ["CPUExecutionProvider"]
     by_name = {g["name"]: g for g in models["graphs"]}
     assert list(by_name) == [g.name for g in manifest.graphs]
