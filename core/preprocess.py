@@ -98,8 +98,9 @@ def interpolated(order: Callable[[int], float], n: int, p: float) -> float:
     method), from `order(k)`, the k-th smallest value (counted from 0)."""
     index = (p / 100) * (n - 1)
     k = math.floor(index)
-    pair = np.array([order(k), order(min(k + 1, n - 1))], dtype=np.float32)
-    return float(np.quantile(pair, np.array([index - k]))[0])
+    low, high = np.float32(order(k)), np.float32(order(min(k + 1, n - 1)))
+    gap, t = high - low, np.float64(index - k)  # numpy's lerp: the gap in float32, then float64
+    return float(high - gap * (1 - t) if t >= 0.5 else low + gap * t)
 
 
 def normalize(chw: np.ndarray, p_low: float, p_high: float) -> np.ndarray:
