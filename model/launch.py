@@ -74,15 +74,18 @@ def spawn(config: TrainConfig, nproc: int, resume: str | None) -> None:
         ) from exc
 
 
-def report(out: Path) -> None:
-    """Print the best validation of the run in `out`."""
+def summary(out: Path) -> str:
+    """The best validation of the run in `out`, as the command prints it."""
     if not (out / "best.pt").is_file():  # stopped before the first validation
-        print(f"no validation yet; continue with --resume {out / 'last.pt'}")
-        return
+        return f"no validation yet; continue with --resume {out / 'last.pt'}"
     best = load_checkpoint(out / "best.pt")
-    print(f"best validation (epoch {best.training['epoch']}, step {best.training['step']}):")
-    print(format_table(best.metrics))
-    print(f"wrote {out}/best.pt, last.pt, metrics.jsonl")
+    return "\n".join(
+        (
+            f"best validation (epoch {best.training['epoch']}, step {best.training['step']}):",
+            format_table(best.metrics),
+            f"wrote {out}/best.pt, last.pt, metrics.jsonl",
+        )
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -92,5 +95,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         train(config, args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        report(Path(config.out))
+        print(summary(Path(config.out)))
     return 0

@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 # Activation bytes per input pixel assumed where the kernel cannot measure them: above what
 # the largest graph (L4 fp32) was measured to take on this project's CPU (2,000-2,750).
 UNMEASURED_BYTES_PER_PIXEL = 3200
-# A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
-# several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
-MEMORY_MARGIN = 1.3
 # the largest tile calibration run, in input pixels (batch x side x side): bounds its time
 CALIBRATION_PIXELS = 1 << 20
 
@@ -76,7 +73,7 @@ class GraphFigures:
         figure is the largest measured so far, with the margin."""
         if not peak:
             return
-        per_pixel = int(MEMORY_MARGIN * peak / pixels) + 1
+        per_pixel = memory.per_pixel(peak, pixels)
         if self.memory_source == "assumed":
             self.bytes_per_pixel, self.memory_source = per_pixel, "measured"
         else:
@@ -250,7 +247,7 @@ class Engine:
         finally:
             self.budget.release(cost)
         figures.measured(peak, side * side * batch)
-        return tiling.TileRun(side, batch, ms, int(MEMORY_MARGIN * peak) if peak else 0)
+        return tiling.TileRun(side, batch, ms, int(memory.MEMORY_MARGIN * peak) if peak else 0)
 
     def _choose_tile(self, graph: str, runs: list[tiling.TileRun]) -> None:
         """The graph's tile from its runs (core/tiling.py `choose_tile`); the predictor learns
@@ -385,10 +382,11 @@ class Engine:
         """The predicted inference time of an image so planned, on one graph."""
         return plan.for_graph(graph).predict(lambda pixels: self.predictor.predict(graph, pixels))
 
-    def candidates(self, plan: Plan) -> list[Candidate]:
+    def candidates(self, plan: Plan, *, adaptive: bool = True) -> list[Candidate]:
+        """Every graph, and the cascade's targets unless `adaptive` is False."""
         graphs = [runner.graph for runner in self.runners.values()]
         out = pipeline.candidates(graphs, plan, self.predictor.predict)
-        if self.cascade and self.deepest in self.runners:  # the cascade tiles as `plan` says
+        if adaptive and self.cascade and self.deepest in self.runners:  # tiled as `plan` says
             deepest_ms = plan.predict(lambda pixels: self.predictor.predict(self.deepest, pixels))
             out += cascade.candidates(self.cascade.record, deepest_ms)
         return out
@@ -398,10 +396,13 @@ class Engine:
         """The deepest fp32 graph: the one the cascade and the all-heads pass end in."""
         return f"L{len(self.cascade.record.stages)}" if self.cascade else "L4"
 
-    def route(self, choice: Choice, plan: Plan, *, serve: bool = True) -> Route:
-        """The graph for a request; `serve=False` only looks (no queue wait, nothing counted)."""
+    def route(
+        self, choice: Choice, plan: Plan, *, serve: bool = True, adaptive: bool = True
+    ) -> Route:
+        """The graph for a request; `serve=False` only looks (no queue wait, nothing counted);
+        `adaptive=False` leaves the cascade out."""
         route = choose(
-            self.candidates(plan),
+            self.candidates(plan, adaptive=adaptive),
             choice,
             default_mode=self.settings.default_mode,
             fast_tolerance=self.settings.fast_tolerance,

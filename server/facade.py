@@ -173,7 +173,8 @@ async def segment(
     instead (the logits hold one channel per head), whatever `choice` says."""
     async with engine.gate.admit(deadline_ms) as admission:
         started = time.monotonic()
-        small = (inputs.pixels() or INLINE_PIXELS + 1) <= INLINE_PIXELS
+        pixels = inputs.pixels()
+        small = pixels is not None and pixels <= INLINE_PIXELS
         prepared = await _call(small, inputs.prepare, engine, admission)
         prepare_ms = 1000.0 * (time.monotonic() - started)
         plan = engine.plan(prepared[0])

@@ -44,9 +44,9 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from unetpp.core import pipeline, slide
+from unetpp.core import slide
 from unetpp.core.errors import Cancelled, UNetPPError
-from unetpp.core.routing import Choice, Route, choose
+from unetpp.core.routing import Choice, Route
 from unetpp.server.admission import MemoryBudget
 from unetpp.server.engine import Engine
 from unetpp.server.errors import JobNotDone, JobNotFound, JobsFull, UploadTooLarge
@@ -541,14 +541,8 @@ class SlideJobs:
             name: slide.plan(height, width, prep, self._tile(engine, name), self.overlap)
             for name in engine.runners
         }
-        graphs = [runner.graph for runner in engine.runners.values()]
         how = replace(next(iter(plans.values())), graphs=plans)
-        route = choose(
-            pipeline.candidates(graphs, how, engine.predictor.predict),
-            _choice(params),
-            default_mode=engine.settings.default_mode,
-            fast_tolerance=engine.settings.fast_tolerance,
-        )
+        route = engine.route(_choice(params), how, serve=False, adaptive=False)
         return route, self._tile(engine, route.graph)
 
     def _tile(self, engine: Engine, graph: str) -> int:

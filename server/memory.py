@@ -16,6 +16,21 @@ from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
 UNLIMITED = 1 << 60  # cgroup v1 says "no limit" with a number near 2**63
+HEADROOM = 0.2  # share of a ceiling left for what budgets do not count (Python, buffers)
+# A measured peak is scaled by this: onnxruntime's arena grows in chunks, so a batch of
+# several large inputs peaked up to 1.27x what one reference-size input per pixel suggested.
+MEMORY_MARGIN = 1.3
+
+
+def activation_room(ceiling: int) -> int:
+    """Bytes left for activations under `ceiling`: less HEADROOM, less what is resident now."""
+    return int(ceiling * (1 - HEADROOM)) - resident()
+
+
+def per_pixel(peak: int, pixels: int) -> int:
+    """Activation bytes per input pixel from a run of `pixels` that peaked `peak` bytes above
+    rest, with the MEMORY_MARGIN."""
+    return int(MEMORY_MARGIN * peak / pixels) + 1
 
 
 def _cgroup_limit_files() -> list[Path]:

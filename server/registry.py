@@ -41,7 +41,6 @@ from unetpp.server.settings import Settings
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-HEADROOM = 0.2  # share of the ceiling left for what budgets do not count (Python, buffers)
 SMALLEST_BUDGET = 64 << 20
 DEFAULT_CEILING = 4 << 30  # without a memory_limit setting or a cgroup limit
 
@@ -296,7 +295,7 @@ class Registry:
 
     def _capacity(self) -> int:
         """The activation budget: the ceiling, less headroom, less what the process holds now."""
-        return max(int(self.ceiling * (1 - HEADROOM)) - memory.resident(), SMALLEST_BUDGET)
+        return max(memory.activation_room(self.ceiling), SMALLEST_BUDGET)
 
     def _retry_after(self) -> float:
         waits = [s.engine.batcher.queue_wait_ms() for s in self.slots.values() if s.engine]

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
         TILE_SIDES,
         description="tile sides (multiples of 16) the background calibration measures per graph, "
         "at batch 1 and the batch that fits; each graph then tiles at its fastest per output "
-        "pixel (docs/big-images.md); empty: always `tile_size`",
+        "pixel (docs/models.md, Tiles per graph); empty: always `tile_size`",
     )
     tile_bytes: int = Field(
         1 << 30,

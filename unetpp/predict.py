@@ -50,8 +50,6 @@ MEDIA_SUFFIXES = {
 PART = ".part"
 TIFF_SUFFIXES = (".tif", ".tiff")
 SLIDE_FORMATS = ("png",)  # a whole slide's label image, written as a tiled BigTIFF
-HEADROOM = 0.2  # share of --memory-limit left for what the activations do not count
-MEMORY_MARGIN = 1.3  # a measured peak, scaled for the arena's growth in chunks (the server's)
 POLL_S = 0.5  # --server: how often a whole slide's job is asked for its progress
 
 
@@ -395,7 +393,7 @@ def local_slides(
 def bounded(model: LocalModel, args: argparse.Namespace) -> tuple[Tiling, int]:
     """The tiling, and a whole slide's windows per run, that keep each image in flight within
     its share of --memory-limit (default: the cgroup's limit; without either, the options as
-    given): the limit less HEADROOM and what the process holds with the model open, split over
+    given): the limit less the server's headroom and what the process holds with the model open, split over
     --jobs. Images whose activations would pass it are tiled, and the tile halved until one
     window fits (UsageError when none does)."""
     from unetpp.core.pipeline import Tiling
@@ -405,7 +403,7 @@ def bounded(model: LocalModel, args: argparse.Namespace) -> tuple[Tiling, int]:
     limit = args.memory_limit or memory.cgroup_limit()
     if limit is None:
         return asked, args.batch
-    budget = (int(limit * (1 - HEADROOM)) - memory.resident()) // args.jobs
+    budget = memory.activation_room(limit) // args.jobs
     per_pixel = bytes_per_pixel(model)
     pixels = max(budget, 0) // per_pixel
     tile = args.tile_size
@@ -430,7 +428,7 @@ def bytes_per_pixel(model: LocalModel) -> int:
     size = model.manifest.reference_size
     x = np.zeros((model.manifest.in_channels, size, size), np.float32)
     peaks = [memory.peak_during(lambda g=g: model.run(g, x)) for g in model.graphs.values()]
-    return int(MEMORY_MARGIN * max(p or 0 for p in peaks) / size**2) + 1
+    return memory.per_pixel(max(p or 0 for p in peaks), size**2)
 
 
 def repository(models: str, name: str | None) -> Path:
