@@ -143,10 +143,30 @@ def _to_array(img: Image.Image, name: str) -> np.ndarray:
 
 
 def encode_png(array: np.ndarray, *, labels: bool = False) -> bytes:
-    """uint8 or uint16, HxW or HxWx3/4, to PNG bytes. `labels`: a mask or label map (few values
-    in long runs), compressed with zlib level 1 and run-length matching (Z_RLE): 2-7x faster
-    than the default level 6 and smaller on such images (benchmarks/REPORT.md, `overhead`)."""
+    """uint8 or uint16, HxW or HxWx3/4, to PNG bytes. `labels`: an HxW mask or label map (few
+    values in long runs), written here with zlib level 1 and run-length matching (Z_RLE) and no
+    row filters: 7x faster than Pillow's default and smaller on such images (benchmarks/REPORT.md,
+    `overhead`)."""
+    array = np.ascontiguousarray(array)
+    if labels and array.ndim == 2 and array.dtype in (np.uint8, np.uint16):
+        return _labels_png(array)
     buf = io.BytesIO()
-    options = {"compress_level": 1, "compress_type": zlib.Z_RLE} if labels else {}
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", **options)
+    Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _labels_png(array: np.ndarray) -> bytes:
+    """A grey PNG of an HxW uint8/uint16 array: each row behind filter byte 0 (None)."""
+    height, width = array.shape
+    rows = np.zeros((height, 1 + width * array.itemsize), np.uint8)
+    rows[:, 1:] = array.astype(array.dtype.newbyteorder(">"), copy=False).view(np.uint8)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+    pixels = deflate.compress(rows.data) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8 * array.itemsize, 0, 0, 0, 0)
+    return PNG_SIGNATURE + b"".join(
+        _chunk(kind, data) for kind, data in ((b"IHDR", header), (b"IDAT", pixels), (b"IEND", b""))
+    )
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

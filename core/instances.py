@@ -147,7 +147,7 @@ def label_png(labels: np.ndarray) -> bytes:
         raise InvalidInput(
             f"{n} objects: at most {MAX_OBJECTS} fit a 16-bit label image; ask for geojson or coco"
         )
-    return encode_png(labels.astype(np.uint16))
+    return encode_png(labels.astype(np.uint16), labels=True)
 
 
 def geojson(objects: Objects, name: str, colour: tuple[int, int, int]) -> dict[str, Any]:

@@ -21,7 +21,11 @@ from contextlib import asynccontextmanager
 from unetpp.server import memory
 from unetpp.server.errors import DeadlineExceeded, QueueFull
 
-TRIM_ABOVE = 64 << 20  # batches holding more than this give their memory back when they end
+TRIM_ABOVE = 64 << 20  # batches holding more than this give their memory back after them
+# ... within this many seconds, in one trim for all of them: trimming takes about a millisecond
+# and the next request pays as much again in page faults (1 ms of the 6 a 256x256 request
+# added at concurrency 1 when every request trimmed; benchmarks/REPORT.md, `overhead`)
+TRIM_DELAY_S = 1.0
 
 
 class Admission:
@@ -184,6 +188,7 @@ class MemoryBudget:
         self.capacity = capacity
         self.in_use = 0
         self._freed = asyncio.Event()
+        self._trim: asyncio.TimerHandle | None = None
 
     def room(self, cost: int, most: int) -> int:
         """How many inputs of `cost` bytes may start now (at most `most`); with nothing running,
@@ -199,10 +204,13 @@ class MemoryBudget:
     def release(self, nbytes: int) -> None:
         self.in_use -= nbytes
         self._freed.set()
-        if not self.in_use and nbytes >= TRIM_ABOVE:
-            # the last large batch ended: give its memory back to the kernel, off the event
-            # loop (trimming a large heap takes milliseconds)
-            asyncio.get_running_loop().run_in_executor(None, memory.trim)
+        if nbytes >= TRIM_ABOVE and self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._give_back)
+
+    def _give_back(self) -> None:
+        """Hand the large batches' freed memory back to the kernel, off the event loop."""
+        self._trim = None
+        asyncio.get_running_loop().run_in_executor(None, memory.trim)
 
     async def freed(self) -> None:
         """Wait until some running batch releases its bytes."""

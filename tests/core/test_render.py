@@ -9,7 +9,7 @@ from PIL import Image, ImageSequence
 from tests.helpers import unrle
 from unetpp.core.datasets import synthetic_image
 from unetpp.core.errors import BadParameter
-from unetpp.core.imageio import encode_png
+from unetpp.core.imageio import decode_image, encode_png
 from unetpp.core.render import bbox, mask_png, render, rle
 from unetpp.core.task import Task
 
@@ -36,6 +36,11 @@ def test_masks_and_label_maps_encode_fast_and_exactly():
     assert len(png) <= len(encode_png(mask.astype(np.uint8) * 255))
     labels = (mask * (np.arange(256) // 64 + 1)).astype(np.uint8)  # classes 1..4 by column
     np.testing.assert_array_equal(_png(encode_png(labels, labels=True)), labels)
+    rng = np.random.default_rng(1)
+    for shape in ((1, 1), (3, 517), (300, 7)):  # 16-bit instance labels, any byte pattern
+        objects = rng.integers(0, 65536, shape, dtype=np.uint16)
+        np.testing.assert_array_equal(_png(encode_png(objects, labels=True)), objects)
+        np.testing.assert_array_equal(decode_image(encode_png(objects, labels=True)), objects)
 
 
 def test_bbox():

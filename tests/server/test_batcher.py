@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from unetpp.server import admission, memory
 from unetpp.server.admission import Gate, MemoryBudget
 from unetpp.server.batcher import Batcher
 from unetpp.server.errors import DeadlineExceeded
@@ -162,3 +163,26 @@ def test_an_input_above_the_whole_budget_still_runs_alone():
         return result
 
     assert asyncio.run(scenario()).batch_size == 1
+
+
+def test_large_batches_give_their_memory_back_once_after_a_delay(monkeypatch):
+    """A trim costs the next request its page faults: a burst of large batches ends in one trim,
+    TRIM_DELAY_S after the first, not one per batch; small batches trim nothing."""
+    trims: list[float] = []
+    monkeypatch.setattr(admission, "TRIM_DELAY_S", 0.05)
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(time.monotonic()))
+
+    async def scenario() -> float:
+        budget = MemoryBudget(1 << 40)
+        start = time.monotonic()
+        for nbytes in (admission.TRIM_ABOVE, admission.TRIM_ABOVE, 1 << 10):
+            budget.take(nbytes)
+            budget.release(nbytes)
+        await asyncio.sleep(0.2)
+        budget.take(1 << 10)
+        budget.release(1 << 10)  # small: no further trim
+        await asyncio.sleep(0.1)
+        return start
+
+    start = asyncio.run(scenario())
+    assert len(trims) == 1 and trims[0] - start >= 0.05, trims
