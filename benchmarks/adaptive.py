@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import ROOT, Study, interleaved_ms, shown
+from unetpp.core.backends import OnnxRuntime, open_graphs
 from unetpp.core.cascade import Cascade, agreement
 from unetpp.core.datasets import Sample, load_split, synthetic_image, synthetic_split
-from unetpp.core.inference import create_session
 from unetpp.core.manifest import load_repository
 from unetpp.core.pipeline import LocalModel, plan
 from unetpp.core.preprocess import crop_to
@@ -70,9 +70,9 @@ def open_both(repo: Path, arena: bool) -> tuple[LocalModel, Cascade]:
     """The repository's graphs (as `unetpp predict` opens them) and its cascade, with or
     without onnxruntime's memory arena in every session."""
     manifest = load_repository(repo)
-    files = sorted({g.file for g in manifest.graphs if g.precision != "fp16"})
-    sessions = {f: create_session(repo / f, memory_arena=arena) for f in files}
-    return LocalModel(repo, manifest, sessions), Cascade.open(repo, manifest, memory_arena=arena)
+    runtime = OnnxRuntime(memory_arena=arena)
+    sessions = open_graphs(repo, manifest.graphs, runtime)
+    return LocalModel(repo, manifest, sessions), Cascade.open(repo, manifest, backend=runtime)
 
 
 def run_set(repo: Path, samples: Sequence[Sample], rounds: int, arena: bool) -> dict[str, Any]:

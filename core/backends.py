@@ -8,13 +8,18 @@
   (docs/big-images.md#backends).
 
 A backend opens a graph file, at the precision of its manifest entry, into a session whose
-`run(batch, output)` maps float32 [N, C, H, W] to logits [N, K, H, W].
+`run(batch, output)` maps float32 [N, C, H, W] to logits [N, K, H, W], and whose
+`run_named(inputs, outputs)` runs a graph of several named inputs and outputs (the adaptive
+cascade's stage graphs, core/cascade.py). Every inference path runs on the chosen backend: the
+server's graphs and its cascade, jobs, and `unetpp predict --backend`.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,19 +28,30 @@ import numpy as np
 
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.inference import INPUT_NAME, create_session, run_batch
-from unetpp.core.manifest import BACKENDS
+from unetpp.core.manifest import BACKENDS, Graph
 
-OPENVINO_MISSING = (
-    "UNETPP_BACKEND=openvino needs the openvino package: pip install 'unetpp[openvino]'"
-)
+log = logging.getLogger(__name__)
+
+OPENVINO_MISSING = "the openvino package is not installed: pip install 'unetpp[openvino]'"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 
 class Session(Protocol):
     def run(self, batch: np.ndarray, output: str) -> np.ndarray: ...
 
+    def run_named(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> list[np.ndarray]: ...
+
 
 class Backend(Protocol):
     name: str
+
+    @property
+    def cuda(self) -> bool:
+        """Whether its sessions run on CUDA (where fp16 graphs are served)."""
+        ...
 
     def open(
         self, path: str | Path, threads: int | None = None, precision: str = "fp32"
@@ -50,6 +66,11 @@ class OrtSession:
     def run(self, batch: np.ndarray, output: str) -> np.ndarray:
         return run_batch(self.session, batch, output, self.options)
 
+    def run_named(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> list[np.ndarray]:
+        return self.session.run(list(outputs), dict(inputs), self.options)
+
 
 @dataclass(frozen=True)
 class OnnxRuntime:
@@ -57,8 +78,13 @@ class OnnxRuntime:
 
     name: str = field(default="onnxruntime", init=False)
     memory_arena: bool = True
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = (CPU,)
     run_options: Any = None  # onnxruntime.RunOptions passed to every run
+    spinning: bool = True  # False: graphs that run one after another (create_session)
+
+    @property
+    def cuda(self) -> bool:
+        return self.providers[0] == CUDA
 
     def open(
         self, path: str | Path, threads: int | None = None, precision: str = "fp32"
@@ -66,24 +92,47 @@ class OnnxRuntime:
         if precision == "bf16":
             raise InvalidInput("onnxruntime has no bf16 execution on the CPU: use openvino")
         session = create_session(
-            path, threads=threads, providers=self.providers, memory_arena=self.memory_arena
+            path,
+            threads=threads,
+            providers=self.providers,
+            memory_arena=self.memory_arena,
+            spinning=self.spinning,
         )
         return OrtSession(session, self.run_options)
 
 
 @dataclass
 class OvSession:
-    """A compiled OpenVINO model; one infer request per thread (a request is not reentrant)."""
+    """A compiled OpenVINO model; one infer request per thread (a request is not reentrant).
+    The tensors named in `channels_last` pass NHWC to and from OpenVINO (`_channels_last`);
+    callers see NCHW (views)."""
 
     compiled: Any  # openvino.CompiledModel
+    channels_last: frozenset[str] = frozenset()
     local: threading.local = field(default_factory=threading.local)
 
     def run(self, batch: np.ndarray, output: str) -> np.ndarray:
+        return self.run_named({INPUT_NAME: batch}, [output])[0]
+
+    def run_named(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> list[np.ndarray]:
+        """The outputs are copies: the request's own buffers are overwritten by its next run."""
         request = getattr(self.local, "request", None)
         if request is None:
             request = self.local.request = self.compiled.create_infer_request()
-        request.infer({INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-        return request.get_tensor(output).data.copy()
+        feed = {
+            n: np.ascontiguousarray(
+                x.transpose(0, 2, 3, 1) if n in self.channels_last else x, dtype=np.float32
+            )
+            for n, x in inputs.items()
+        }
+        request.infer(feed, share_inputs=True)
+        out = [request.get_tensor(n).data.copy() for n in outputs]
+        return [
+            x.transpose(0, 3, 1, 2) if n in self.channels_last else x
+            for n, x in zip(outputs, out, strict=True)
+        ]
 
 
 # the manifest's precision -> OpenVINO's inference precision (int8: the layers left in float)
@@ -96,6 +145,7 @@ class OpenVINO:
     "auto" takes the plugin's default (bf16 on a CPU that has it)."""
 
     name: str = field(default="openvino", init=False)
+    cuda: bool = field(default=False, init=False)  # OpenVINO runs on the CPU here
 
     def open(
         self, path: str | Path, threads: int | None = None, precision: str = "fp32"
@@ -110,9 +160,30 @@ class OpenVINO:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
             core = ov.Core()
-            return OvSession(core.compile_model(core.read_model(str(path)), "CPU", config))
+            model, channels_last = _channels_last(ov, core.read_model(str(path)))
+            return OvSession(core.compile_model(model, "CPU", config), channels_last)
         except RuntimeError as exc:  # OpenVINO's errors are untyped
             raise ModelRepositoryError(f"{path}: OpenVINO cannot load it ({exc})") from exc
+
+
+def _channels_last(ov: Any, model: Any) -> tuple[Any, frozenset[str]]:
+    """A graph of several outputs (the cascade's stages) takes and gives its 4-D tensors other
+    than the image NHWC: OpenVINO's CPU plugin computes them so, and turning an output that
+    also feeds a concatenation back to NCHW takes its slow reference reorder (measured at 256 x
+    256: 14-17 ms per node tensor, 94 -> 56 ms for stage 1 with NHWC outputs)."""
+    if len(model.outputs) < 2:
+        return model, frozenset()
+    ppp = ov.preprocess.PrePostProcessor(model)
+    names = []
+    for port, side in [(t, ppp.input) for t in model.inputs] + [
+        (t, ppp.output) for t in model.outputs
+    ]:
+        name = port.get_any_name()
+        if name != INPUT_NAME and port.get_partial_shape().rank.get_length() == 4:
+            side(name).model().set_layout(ov.Layout("NCHW"))
+            side(name).tensor().set_layout(ov.Layout("NHWC"))
+            names.append(name)
+    return ppp.build(), frozenset(names)
 
 
 def _openvino() -> Any:
@@ -140,6 +211,38 @@ def bf16_runs() -> bool:
     if unavailable("openvino"):
         return False
     return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def skipped(graph: Graph, backend: Backend) -> str:
+    """Why `backend` does not run the graph ("" when it does): fp16 runs on CUDA only, a bf16
+    entry on OpenVINO on a CPU that computes in bf16."""
+    if graph.precision == "fp16" and not backend.cuda:
+        return "fp16 runs on CUDA only"
+    if graph.backend not in (None, backend.name):
+        return f"{graph.precision} runs on the {graph.backend} backend only"
+    if graph.precision == "bf16" and not bf16_runs():
+        return "this CPU does not compute in bf16"
+    return ""
+
+
+def open_graphs(
+    directory: Path, graphs: Iterable[Graph], backend: Backend, threads: int | None = None
+) -> dict[str, Session]:
+    """The sessions of the graphs `backend` runs, by name; entries that share a file and
+    precision (L4's `logits` and `ensemble`) share one. A graph it does not run is logged with
+    the reason (`skipped`)."""
+    opened: dict[tuple[str, str], Session] = {}
+    sessions: dict[str, Session] = {}
+    for graph in graphs:
+        reason = skipped(graph, backend)
+        if reason:
+            log.info("graph %s: %s; skipped", graph.name, reason)
+            continue
+        key = (graph.file, graph.precision)
+        if key not in opened:
+            opened[key] = backend.open(directory / graph.file, threads, graph.precision)
+        sessions[graph.name] = opened[key]
+    return sessions
 
 
 def backend(name: str, **options: Any) -> Backend:

@@ -34,6 +34,7 @@ MANIFEST_NAME = "model.json"
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 LEVELS = (1, 2, 3, 4)  # the pruning depths L1..L4: head j of UNet++ and the nodes it needs
 BACKENDS = ("onnxruntime", "openvino")  # the runtimes that can run a graph (core/backends.py)
+DEFAULT_BACKEND = "onnxruntime"  # UNETPP_BACKEND's default, and unetpp predict --backend's
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 One pipeline, two front ends: `unetpp predict` runs it on a model repository on this machine;
 the server wraps its pure steps (`prepare`, `plan`, `candidates`, `choose`) with admission and
-batching. Torch-free (numpy and onnxruntime). Decoding (core/imageio.py) comes before it and
+batching. Torch-free (numpy and a backend, core/backends.py). Decoding (core/imageio.py) comes before it and
 deciding and rendering (the task, core/render.py) after it, on the logits it returns.
 
 Routing here predicts a graph's latency from the manifest's export-time figures (scaled to the
@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from unetpp.core import tiling
-from unetpp.core.inference import create_session, run_batch, shrinking_arena
-from unetpp.core.manifest import Graph, Manifest, load_repository
+from unetpp.core.backends import OnnxRuntime, Session, backend, open_graphs
+from unetpp.core.inference import shrinking_arena
+from unetpp.core.manifest import DEFAULT_BACKEND, Graph, Manifest, load_repository
 from unetpp.core.preprocess import Preprocessing, crop_to, network_input
 from unetpp.core.routing import Candidate, Choice, Mode, Route, choose
 
@@ -128,14 +128,15 @@ class Prediction:
 
 
 class LocalModel:
-    """A model repository opened on this machine: one onnxruntime session per graph file
-    (entries that share a file, L4's `logits` and `ensemble`, share its session)."""
+    """A model repository opened on this machine: the backend's sessions of the graphs it runs,
+    by graph name (entries that share a file and precision, L4's `logits` and `ensemble`, share
+    one session)."""
 
     def __init__(
         self,
         directory: Path,
         manifest: Manifest,
-        sessions: dict[str, ort.InferenceSession],
+        sessions: dict[str, Session],
         *,
         tiles: Tiling = Tiling(),
         default_mode: Mode = DEFAULT_MODE,
@@ -144,37 +145,31 @@ class LocalModel:
         self.directory = directory
         self.manifest = manifest
         self.sessions = sessions
-        self.graphs = {  # not the bf16 entries: they need the openvino backend (the server's)
-            g.name: g for g in manifest.graphs if g.file in sessions and g.backend is None
-        }
+        self.graphs = {g.name: g for g in manifest.graphs if g.name in sessions}
         self.tiles = tiles
         self.default_mode = default_mode
         self.fast_tolerance = fast_tolerance
-        self._shrink = shrinking_arena()  # each run hands its arena's memory back after it
 
     @classmethod
     def open(
         cls,
         directory: str | Path,
         *,
+        backend_name: str = DEFAULT_BACKEND,
         threads: int | None = None,
-        providers: Sequence[str] | None = None,
         **options: Any,
     ) -> LocalModel:
-        """Verify the repository's hashes and open its sessions (CPU unless `providers` says
-        otherwise; fp16 graphs only with CUDA, as the server does)."""
+        """Verify the repository's hashes and open, on the CPU, the graphs the backend runs
+        (core/backends.py `skipped`, the server's rule: bf16 on OpenVINO only, no fp16).
+        onnxruntime's arena hands its memory back after each run."""
         directory = Path(directory)
         manifest = load_repository(directory)
-        providers = list(providers or ["CPUExecutionProvider"])
-        files = {
-            g.file
-            for g in manifest.graphs
-            if g.precision != "fp16" or "CUDAExecutionProvider" in providers
-        }
-        sessions = {
-            f: create_session(directory / f, threads=threads, providers=providers)
-            for f in sorted(files)
-        }
+        runtime = (
+            OnnxRuntime(run_options=shrinking_arena())
+            if backend_name == "onnxruntime"
+            else backend(backend_name)
+        )
+        sessions = open_graphs(directory, manifest.graphs, runtime, threads)
         return cls(directory, manifest, sessions, **options)
 
     def prepare(self, image: np.ndarray) -> Prepared:
@@ -195,7 +190,7 @@ class LocalModel:
 
     def run(self, graph: Graph, x: np.ndarray) -> np.ndarray:
         """C x H x W (multiples of 16) -> K x H x W logits."""
-        return run_batch(self.sessions[graph.file], x[None], graph.output, self._shrink)[0]
+        return self.sessions[graph.name].run(x[None], graph.output)[0]
 
     def infer(self, graph: Graph, prepared: Prepared, plan: Plan) -> np.ndarray:
         """The prepared input -> logits at the image's own size (tiled when the plan says)."""

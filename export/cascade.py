@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from unetpp.core.backends import OnnxRuntime
 from unetpp.core.cascade import (
     Cascade,
     agreement,
@@ -347,7 +348,12 @@ def export_cascade(
     record and the largest head difference against the level graphs."""
     stages = export_stages(net, directory, in_channels, opset)
     # no arenas: eight sessions each keeping its largest run's memory took 9 GB on HeLa frames
-    cascade = Cascade(directory, CascadeRecord(stages, BAND, ()), threshold, memory_arena=False)
+    cascade = Cascade(
+        directory,
+        CascadeRecord(stages, BAND, ()),
+        threshold,
+        backend=OnnxRuntime(memory_arena=False),
+    )
     worst = check_stages(cascade, directory, parity_inputs)
     chosen, quality = calibrate(
         cascade, samples, preprocessing, targets=targets, data=data,

@@ -105,8 +105,7 @@ class Engine:
                 tile=settings.tile_size,
                 overlap=settings.tile_overlap,
                 threads=settings.threads or None,
-                providers=model.providers,
-                memory_arena=settings.memory_arena,
+                backend=model.runtime,
             )
             if model.manifest.cascade and model.manifest.num_classes == 1
             else None

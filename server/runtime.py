@@ -12,13 +12,22 @@ not ready, with the reason. OpenVINO runs on the CPU.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from unetpp.core.backends import Backend, OnnxRuntime, OpenVINO, Session, bf16_runs, unavailable
+from unetpp.core.backends import (
+    CPU,
+    CUDA,
+    Backend,
+    OnnxRuntime,
+    OpenVINO,
+    Session,
+    open_graphs,
+    unavailable,
+)
 from unetpp.core.inference import create_session, shrinking_arena
 from unetpp.core.manifest import Graph, Manifest, load_repository
 from unetpp.core.preprocess import MULTIPLE
@@ -26,9 +35,6 @@ from unetpp.server.errors import NotReady
 from unetpp.server.settings import BackendName, Device
 
 log = logging.getLogger(__name__)
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 
 class DeviceUnavailable(NotReady):
@@ -57,8 +63,13 @@ class LoadedModel:
     manifest: Manifest
     runners: dict[str, Runner]
     device: str  # "cpu" or "cuda"
-    providers: tuple[str, ...]  # onnxruntime's (the cascade's, with OpenVINO)
-    backend: str = "onnxruntime"
+    providers: tuple[str, ...]  # onnxruntime's (CPU with OpenVINO)
+    # runs the graphs; the cascade opens its stages on it too
+    runtime: Backend = field(default_factory=OnnxRuntime)
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.name
 
 
 def _cuda_problem(path: Path, channels: int, threads: int) -> str | None:
@@ -99,7 +110,8 @@ def load_model(
     """Verify the repository and open its sessions through the backend; fp16 graphs are served
     on CUDA only, bf16 graphs on OpenVINO on a CPU that computes in bf16."""
     manifest = load_repository(directory)
-    if backend_name == "openvino":  # the cascade's stages stay on onnxruntime's CPU
+    backend: Backend
+    if backend_name == "openvino":
         backend, providers = _openvino(device), (CPU,)
     else:
         providers = choose_providers(
@@ -108,17 +120,8 @@ def load_model(
         on_cpu = providers[0] == CPU
         shrink = shrinking_arena() if memory_arena and on_cpu else None
         backend = OnnxRuntime(memory_arena, providers, shrink)
-    sessions: dict[tuple[str, str], Session] = {}
-    runners: dict[str, Runner] = {}
-    for graph in manifest.graphs:
-        skipped = _skipped(graph, backend_name, providers[0])
-        if skipped:
-            log.info("graph %s: %s; skipped", graph.name, skipped)
-            continue
-        key = (graph.file, graph.precision)
-        if key not in sessions:
-            sessions[key] = backend.open(directory / graph.file, threads or None, graph.precision)
-        runners[graph.name] = Runner(graph, sessions[key])
+    sessions = open_graphs(directory, manifest.graphs, backend, threads or None)
+    runners = {g.name: Runner(g, sessions[g.name]) for g in manifest.graphs if g.name in sessions}
     where = "openvino" if backend_name == "openvino" else providers[0]
     if not runners:
         raise NotReady(f"{directory}: no graph can be served on {where}")
@@ -128,28 +131,17 @@ def load_model(
         manifest.version,
         directory,
         ", ".join(runners),
-        len(sessions),
+        len({id(s) for s in sessions.values()}),
         where,
     )
     device_name = "cuda" if providers[0] == CUDA else "cpu"
-    return LoadedModel(directory, manifest, runners, device_name, providers, backend_name)
+    return LoadedModel(directory, manifest, runners, device_name, providers, backend)
 
 
 def _openvino(device: Device) -> Backend:
     problem = unavailable("openvino")
     if problem:
-        raise BackendUnavailable(problem)
+        raise BackendUnavailable(f"UNETPP_BACKEND=openvino: {problem}")
     if device == "cuda":
         raise DeviceUnavailable("UNETPP_DEVICE=cuda needs UNETPP_BACKEND=onnxruntime")
     return OpenVINO()
-
-
-def _skipped(graph: Graph, backend: str, provider: str) -> str:
-    """Why this backend and device do not serve the graph ("" when they do)."""
-    if graph.precision == "fp16" and provider != CUDA:
-        return "fp16 is served on CUDA only"
-    if graph.backend not in (None, backend):
-        return f"{graph.precision} is served by UNETPP_BACKEND={graph.backend} only"
-    if graph.precision == "bf16" and not bf16_runs():
-        return "this CPU does not compute in bf16"
-    return ""

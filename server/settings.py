@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from unetpp.core.manifest import DEFAULT_BACKEND
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.core.routing import Mode
 from unetpp.core.tiling import TILE_SIDES
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
         "ready (with the reason) if CUDA cannot run",
     )
     backend: BackendName = Field(
-        "onnxruntime",
+        DEFAULT_BACKEND,
         description="the runtime of every graph: onnxruntime, or openvino (the openvino extra; "
         "CPU only; serves the bf16 graphs; docs/big-images.md#backends)",
     )

@@ -199,12 +199,12 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
 @command(
     "predict",
     "unetpp.predict:main",
-    "segment files, folders, globs and multi-page TIFFs, here (onnxruntime) or on a server",
+    "segment files, folders, globs and multi-page TIFFs, here or on a server",
 )
 def _predict(p: argparse.ArgumentParser) -> None:
     from unetpp.core.imageio import DEFAULT_MAX_PIXELS
-    from unetpp.core.manifest import LEVELS
-    from unetpp.core.routing import Mode
+    from unetpp.core.manifest import BACKENDS, DEFAULT_BACKEND, LEVELS
+    from unetpp.core.routing import Mode, Precision
     from unetpp.core.tiling import TILE_ABOVE_PIXELS, TILE_OVERLAP, TILE_SIZE
     from unetpp.predict import parse_shard, positive
 
@@ -220,7 +220,7 @@ def _predict(p: argparse.ArgumentParser) -> None:
     route.add_argument("--mode", choices=typing.get_args(Mode), help="(default balanced)")
     route.add_argument("--max-latency-ms", type=float, help="latency budget per image")
     route.add_argument("--min-iou", type=float, help="accuracy floor")
-    route.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto")
+    route.add_argument("--precision", choices=typing.get_args(Precision), default="auto")
     route.add_argument("--deadline-ms", type=float, help="--server only: give up after this long")
     p.add_argument("--format", default="png", help="png, json, overlay, probabilities, ...")
     p.add_argument("--encoding", default="png16", help="format=probabilities: png16 or npy")
@@ -228,7 +228,15 @@ def _predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shard", type=parse_shard, default=(0, 1), metavar="i/N", help="this part of N"
     )
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: CPUs / jobs)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help="here: the runtime, as UNETPP_BACKEND (default %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="here: threads per session (0: CPUs / jobs)"
+    )
     p.add_argument("--tile-size", type=int, default=TILE_SIZE, help=f"(default {TILE_SIZE})")
     p.add_argument(
         "--tile-overlap", type=int, default=TILE_OVERLAP, help=f"(default {TILE_OVERLAP})"

@@ -1,6 +1,6 @@
 """`unetpp predict INPUT... --out DIR`: segment files, folders, globs and multi-page TIFFs,
-locally on a model repository (core.pipeline, onnxruntime, no torch) or against a server
-(unetpp.client). docs/predict.md is the user's page.
+locally on a model repository (core.pipeline on `--backend`, onnxruntime or OpenVINO; no torch)
+or against a server (unetpp.client). docs/predict.md is the user's page.
 
 Every image becomes one output `DIR/<relative path without suffix>[_p<k>].<ext>` (k: the page
 of a multi-page TIFF, from 0). A whole slide (a BigTIFF or OME-TIFF, or a TIFF with a page above
@@ -314,12 +314,18 @@ def choice_of(args: argparse.Namespace) -> Choice:
 def local_runner(args: argparse.Namespace) -> Runner:
     """Decode -> the pipeline -> render, on this machine; whole slides through core/slide.py;
     each image's activations within its share of the memory limit (`bounded`)."""
+    from unetpp.core.backends import unavailable
     from unetpp.core.imageio import decode_image
     from unetpp.core.pipeline import LocalModel
     from unetpp.core.render import render
 
+    problem = unavailable(args.backend)
+    if problem:
+        raise UsageError(f"--backend {args.backend}: {problem}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    model = LocalModel.open(repository(args.models, args.model), threads=threads)
+    model = LocalModel.open(
+        repository(args.models, args.model), backend_name=args.backend, threads=threads
+    )
     task = model.manifest.task
     if args.format not in task.formats:
         raise UsageError(f"format {args.format!r}: this model answers {', '.join(task.formats)}")
@@ -363,7 +369,6 @@ def local_slides(
     """A whole slide through core/slide.py on the graph `choice` routes its first page's plan
     to (as the server's jobs do), `batch` windows per run."""
     from unetpp.core import slide
-    from unetpp.core.inference import run_batch
 
     tiles = model.tiles
     preprocessing = model.manifest.preprocessing
@@ -373,11 +378,10 @@ def local_slides(
             page = pages[0]
         how = slide.plan(page.height, page.width, preprocessing, tiles.size, tiles.overlap)
         graph = model.graphs[model.route(choice, how).graph]
-        session = model.sessions[graph.file]
         slide.segment_slide(
             source,
             target,
-            lambda x: run_batch(session, x, graph.output),
+            lambda x: model.sessions[graph.name].run(x, graph.output),
             preprocessing=preprocessing,
             decide=model.manifest.task.labels,
             tile=tiles.size,

@@ -62,11 +62,11 @@ def test_openvino_backend_serves_fp32_and_bf16_graphs(tiny_bf16_repository, monk
 
 
 def test_onnxruntime_backend_skips_bf16_graphs(tiny_bf16_repository, caplog):
-    with caplog.at_level("INFO", logger="unetpp.server.runtime"):
+    with caplog.at_level("INFO", logger="unetpp.core.backends"):
         live = start(settings(tiny_bf16_repository, backend="onnxruntime"))
     try:
         assert graphs(live) == ["L1", "L2", "L3", "L4"]
-        assert "graph L4.bf16: bf16 is served by UNETPP_BACKEND=openvino only" in caplog.text
+        assert "graph L4.bf16: bf16 runs on the openvino backend only" in caplog.text
         refused = live.segment(encode_png(IMAGE), level=4, precision="bf16")
         assert refused.status_code == 422 and "no bf16 graph" in refused.json()["detail"]
     finally:
@@ -78,7 +78,7 @@ def test_openvino_missing_is_not_ready_with_the_reason(tiny_repository, monkeypa
     server = start(settings(tiny_repository, backend="openvino"), ready=False)
     try:
         detail = failed_readiness(server)["detail"]
-        assert "UNETPP_BACKEND=openvino needs the openvino package" in detail
+        assert "UNETPP_BACKEND=openvino: the openvino package is not installed" in detail
         refused = server.segment(encode_png(IMAGE))
         assert refused.status_code == 503 and "openvino" in refused.json()["detail"]
     finally:
