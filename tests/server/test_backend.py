@@ -1,6 +1,6 @@
 """UNETPP_BACKEND over HTTP: a real server on OpenVINO serves the fp32 and the bf16 graphs of
-the tiny repository; on onnxruntime the bf16 entries are skipped; a missing openvino keeps the
-server not ready with the reason."""
+the tiny repository, and runs mode=adaptive's stage graphs too; on onnxruntime the bf16 entries
+are skipped; a missing openvino keeps the server not ready with the reason."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
+    TILE_ABOVE,
+    TILE_OVERLAP,
+    TILE_SIZE,
     decode,
     failed_readiness,
     reference_logits,
@@ -18,8 +21,11 @@ from tests.helpers import (
     stop,
     synthetic,
 )
-from unetpp.core.backends import bf16_runs
+from unetpp.core.backends import OvSession, bf16_runs
+from unetpp.core.cascade import Cascade
 from unetpp.core.imageio import encode_png
+from unetpp.core.manifest import load_repository
+from unetpp.core.preprocess import crop_to, pad_to_multiple
 
 IMAGE = synthetic(100, 130, seed=3)
 
@@ -57,6 +63,30 @@ def test_openvino_backend_serves_fp32_and_bf16_graphs(tiny_bf16_repository, monk
         assert (mask(bf16) == reference).mean() >= 0.99
         routed = live.segment(encode_png(IMAGE), mode="fast")
         assert mask(routed).shape == IMAGE.shape and routed.headers["x-unetpp-graph"] in served
+    finally:
+        stop(live)
+
+
+def test_openvino_backend_runs_the_adaptive_cascade(tiny_repository):
+    pytest.importorskip("openvino")
+    manifest = load_repository(tiny_repository)
+    tiles = dict(tile_above_pixels=TILE_ABOVE, tile=TILE_SIZE, overlap=TILE_OVERLAP)
+    local = Cascade.open(tiny_repository, manifest, **tiles)  # on onnxruntime
+    live = start(settings(tiny_repository, backend="openvino"))
+    try:
+        engine = live.server.config.app.state.registry.engine(None)
+        assert all(isinstance(s, OvSession) for s in engine.cascade.sessions)
+        for shape in [(100, 130), (300, 260)]:  # whole; tiled (above TILE_ABOVE)
+            image = synthetic(*shape, seed=5)
+            x, size = pad_to_multiple(
+                manifest.preprocessing(image), manifest.preprocessing.multiple
+            )
+            want = local.infer(x, local.target(0.01).thresholds).logits
+            reference = crop_to(want, size)[0] > 0.0
+            assert 0 < reference.mean() < 1
+            r = live.segment(encode_png(image), mode="adaptive", target=0.01)
+            assert r.headers["x-unetpp-graph"] == "adaptive@0.01"
+            assert (mask(r) == reference).mean() >= 0.99
     finally:
         stop(live)
 
