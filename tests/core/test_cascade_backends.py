@@ -11,13 +11,14 @@ import pytest
 from tests.helpers import synthetic
 from unetpp.core.backends import OnnxRuntime, OpenVINO
 from unetpp.core.cascade import Cascade, first_input, for_stages
+from unetpp.core.inference import shrinking_arena
 from unetpp.core.manifest import load_repository
 from unetpp.core.preprocess import pad_to_multiple
 
 
-def test_onnxruntimes_stages_do_not_spin_and_openvino_is_as_given():
-    arena_off = OnnxRuntime(memory_arena=False)
-    assert for_stages(arena_off) == OnnxRuntime(memory_arena=False, spinning=False)
+def test_onnxruntimes_stages_do_not_spin_nor_shrink_and_openvino_is_as_given():
+    server = OnnxRuntime(memory_arena=False, run_options=shrinking_arena())
+    assert for_stages(server) == OnnxRuntime(memory_arena=False, spinning=False)
     assert for_stages(OpenVINO()) == OpenVINO()
 
 
