@@ -7,7 +7,7 @@ same repository: the tree at commit `--before` and the tree at `--after` (defaul
 installed from a git worktree with `pip install --target` (benchmarks/startup.py
 `install_before`), so uncommitted edits play no part. The image is the server study's: a
 256x256 crop of a HeLa test frame, a 16-bit grey PNG; the answer a PNG mask. Requests go one at
-a time (httpx, one keep-alive connection per server), interleaved over servers and targets with
+a time (a bare HTTP/1.1 client, one keep-alive socket per server), interleaved over servers and targets with
 the order rotating each round and a short pause before each; per request, *end to end* is the
 client's wall time and *added* is end to end minus the server's own inference time
 (X-UNetPP-Inference-Ms): what decoding, preprocessing, routing, queueing, rendering, the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import time
@@ -28,8 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlencode, urlsplit
 
 from benchmarks.common import ROOT, Study, free_port, start_process, stop
 from benchmarks.server import test_crop
@@ -95,23 +95,76 @@ def server_timing(header: str) -> dict[str, float]:
     return spans
 
 
-def post(client: httpx.Client, png: bytes, target: dict[str, Any]) -> dict[str, Any]:
+class Connection:
+    """A bare HTTP/1.1 client on one keep-alive socket: it adds microseconds to a request
+    (httpx adds about a millisecond of its own, which is not the service's)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host = parts.netloc
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=300)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, target: str, body: bytes, content_type: str) -> tuple[int, dict[str, str]]:
+        """The status and headers (lower-case names); the body is read and dropped."""
+        head = (
+            f"POST {target} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: {content_type}\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self._recv()
+        head_bytes, rest = received.split(b"\r\n\r\n", 1)
+        status, *lines = head_bytes.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            rest += self._recv()
+        return int(status.split()[1]), headers
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+BOUNDARY = "unetpp-overhead"
+
+
+def multipart(png: bytes) -> bytes:
+    """`png` as the multipart field `image`."""
+    part = (
+        f'--{BOUNDARY}\r\ncontent-disposition: form-data; name="image"; filename="image.png"'
+        "\r\ncontent-type: image/png\r\n\r\n"
+    )
+    return part.encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def post(connection: Connection, png: bytes, target: dict[str, Any]) -> dict[str, Any]:
     """One request; the client's wall time, the server's inference time and its spans."""
     if target.get("multipart"):
-        kwargs: dict[str, Any] = {"files": {"image": ("image.png", png, "image/png")}}
+        body, content_type = multipart(png), f"multipart/form-data; boundary={BOUNDARY}"
     else:
-        kwargs = {"content": png, "headers": {"content-type": "image/png"}}
+        body, content_type = png, "image/png"
     start = time.perf_counter()
-    r = client.post("/v1/segment", params=target["params"], **kwargs)
+    status, headers = connection.post(
+        f"/v1/segment?{urlencode(target['params'])}", body, content_type
+    )
     e2e = 1000.0 * (time.perf_counter() - start)
-    r.raise_for_status()
-    inference = float(r.headers["x-unetpp-inference-ms"])
+    if status != 200:
+        raise RuntimeError(f"the server answered {status}")
+    inference = float(headers["x-unetpp-inference-ms"])
     return {
         "e2e_ms": e2e,
         "inference_ms": inference,
         "added_ms": e2e - inference,
-        "graph": r.headers["x-unetpp-graph"],
-        "spans": server_timing(r.headers.get("server-timing", "")),
+        "graph": headers["x-unetpp-graph"],
+        "spans": server_timing(headers.get("server-timing", "")),
     }
 
 
@@ -120,7 +173,7 @@ def measure(
 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Every (version, target) `repeats` times, interleaved, the order rotating each round."""
     cells = [(version, target) for target in TARGETS for version in urls]
-    clients = {v: httpx.Client(base_url=url, timeout=300) for v, url in urls.items()}
+    clients = {v: Connection(url) for v, url in urls.items()}
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {cell: [] for cell in cells}
     try:
         for _ in range(warmup):

@@ -3,6 +3,7 @@ for the request's dependencies (benchmarks/overhead.py measures the milliseconds
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 
@@ -10,9 +11,11 @@ import anyio.to_thread
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.helpers import settings, start, stop, synthetic
+from benchmarks.overhead import TARGETS, Connection, post
+from tests.helpers import serve, settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest
+from unetpp.server.connections import CoalescedWrites
 from unetpp.server.facade import EncodedImage
 from unetpp.server.routers import segment
 
@@ -128,3 +131,66 @@ def test_small_images_with_more_to_parse_than_pixels_are_decoded_in_a_thread(liv
         pixels.save(body, format=fmt, **options)
         threads = threads_of(live, monkeypatch, body.getvalue())
         assert threads["decode"] != live.thread.name
+
+
+class Recorder:
+    """A transport that records each write (one write is one send)."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+        self.closed = self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.sends.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"extra {name}"
+
+
+def test_a_response_written_in_parts_leaves_in_one_send():
+    async def scenario() -> tuple[Recorder, Recorder, Recorder]:
+        loop = asyncio.get_running_loop()
+        kept, closed, aborted = Recorder(), Recorder(), Recorder()
+        for transport in (kept, closed, aborted):
+            writes = CoalescedWrites(transport, loop)
+            for part in (b"HTTP/1.1 200 OK\r\n\r\n", b"body", b""):
+                writes.write(part)
+            assert transport.sends == []  # not before the end of this pass of the loop
+            if transport is closed:
+                writes.close()  # what is written before a close still leaves, then the close
+            elif transport is aborted:
+                writes.abort()  # an abort drops it
+        await asyncio.sleep(0)
+        assert writes.get_extra_info("peername") == "extra peername"
+        return kept, closed, aborted
+
+    kept, closed, aborted = asyncio.run(scenario())
+    assert kept.sends == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    assert closed.sends == [b"HTTP/1.1 200 OK\r\n\r\nbody"] and closed.closed
+    assert aborted.sends == [] and aborted.aborted
+
+
+def test_the_overhead_benchmarks_bare_client_reads_the_real_server(tiny_repository, tmp_path):
+    """`unetpp serve` (its coalesced writes) to benchmarks/overhead.py's client, raw body and
+    multipart, several requests on one keep-alive connection."""
+    png = encode_png(synthetic(64, 64))
+    with serve(tiny_repository, tmp_path / "server.log") as (url, _):
+        connection = Connection(url)
+        try:
+            for target in TARGETS.values():
+                for _ in range(2):
+                    answer = post(connection, png, target)
+                    assert answer["graph"] == f"L{target['params']['level']}"
+                    assert list(answer["spans"]) == SPANS
+                    assert 0 < answer["inference_ms"] < answer["e2e_ms"]
+        finally:
+            connection.close()
