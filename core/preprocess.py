@@ -23,6 +23,7 @@ import numpy as np
 from unetpp.core.errors import InvalidInput
 
 MULTIPLE = 16  # 2**4: four 2x2 poolings between X(0,0) and X(4,0)
+LEVELS = (np.uint8, np.uint16)  # integer pixels whose percentiles come from a histogram
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,12 @@ class Preprocessing:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """HxW or HxWxC image of any numeric dtype -> float32 array of shape (C, H, W)."""
-        return normalize(to_channels(image, self.channels), self.p_low, self.p_high)
+        chw = to_channels(image, self.channels)
+        # one grey 8/16-bit channel: its percentiles from the integers themselves (the same
+        # numbers; a grey image made RGB is three copies, whose percentiles differ)
+        grey = image.ndim == 2 and self.channels == 1 and image.dtype in LEVELS
+        levels = image if grey else None
+        return normalize(chw, self.p_low, self.p_high, levels=levels)
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -78,19 +84,26 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 def percentiles(values: np.ndarray, q: tuple[float, ...]) -> list[float]:
     """`np.percentile(values, q)` of float32 values (its default, linear method), the same
-    numbers; when they are integers in 0..65535 (8- and 16-bit images), read from their
-    histogram instead of partitioning them: 4x faster at 256x256 (benchmarks/REPORT.md,
-    `overhead`)."""
-    if values.size and values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max:
-        levels = values.astype(np.uint16)
-        if np.array_equal(levels, values):
-            cumulative = np.cumsum(np.bincount(levels.ravel()))
+    numbers; when they are integers in 0..65535 (8- and 16-bit images, or such arrays
+    themselves), read from their histogram instead of partitioning them: 4x faster at 256x256
+    (benchmarks/REPORT.md, `overhead`)."""
+    levels = values if values.dtype in LEVELS else _as_levels(values)
+    if levels is None:
+        return np.percentile(values, q).tolist()
+    cumulative = np.cumsum(np.bincount(levels.ravel()))
 
-            def order(k: int) -> float:
-                return float(np.searchsorted(cumulative, k, side="right"))
+    def order(k: int) -> float:
+        return float(np.searchsorted(cumulative, k, side="right"))
 
-            return [interpolated(order, values.size, p) for p in q]
-    return np.percentile(values, q).tolist()
+    return [interpolated(order, levels.size, p) for p in q]
+
+
+def _as_levels(values: np.ndarray) -> np.ndarray | None:
+    """The values as uint16 when they are all integers in its range, else None."""
+    if not values.size or values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+        return None
+    levels = values.astype(np.uint16)
+    return levels if np.array_equal(levels, values) else None
 
 
 def interpolated(order: Callable[[int], float], n: int, p: float) -> float:
@@ -103,11 +116,16 @@ def interpolated(order: Callable[[int], float], n: int, p: float) -> float:
     return float(high - gap * (1 - t) if t >= 0.5 else low + gap * t)
 
 
-def normalize(chw: np.ndarray, p_low: float, p_high: float) -> np.ndarray:
-    """Map the image's p_low/p_high percentiles to 0/1 (float32, not clipped)."""
-    lo, hi = percentiles(chw, (p_low, p_high))
+def normalize(
+    chw: np.ndarray, p_low: float, p_high: float, *, levels: np.ndarray | None = None
+) -> np.ndarray:
+    """Map the image's p_low/p_high percentiles to 0/1 (float32, not clipped). `levels`: the
+    same pixels as uint8/uint16, whose percentiles are read without checking the floats."""
+    lo, hi = percentiles(chw if levels is None else levels, (p_low, p_high))
     scale = hi - lo if hi > lo else 1.0
-    return ((chw - np.float32(lo)) / np.float32(scale)).astype(np.float32, copy=False)
+    out = np.subtract(chw, np.float32(lo), dtype=np.float32)
+    out /= np.float32(scale)
+    return out
 
 
 def padding_for(height: int, width: int, multiple: int = MULTIPLE) -> tuple[int, int]:

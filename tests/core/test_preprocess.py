@@ -94,3 +94,21 @@ def test_recipe_round_trips_and_validates() -> None:
         Preprocessing(p_low=50, p_high=10)
     with pytest.raises(InvalidInput, match="unknown preprocessing kind"):
         Preprocessing.from_dict({"kind": "zscore"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.uint8, np.uint16]),
+    channels=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_integer_images_normalize_to_the_bit_as_their_float_copies(
+    dtype: type, channels: int, seed: int
+) -> None:
+    """A grey 8/16-bit image's percentiles come from its integers: the network input is the
+    one its float32 copy gives, bit for bit."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(1, 40, 2))
+    image = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    recipe = Preprocessing(channels=channels)
+    np.testing.assert_array_equal(recipe(image), recipe(image.astype(np.float32)))
