@@ -201,7 +201,6 @@ def export_repository(
     if options.int8 and not calibration_samples:
         raise InvalidInput("int8 variants need calibration (training) images; or use --no-int8")
     checkpoint_sha = sha256_file(checkpoint_path)
-    model = ckpt.build()
     prep = ckpt.preprocessing
     task = ckpt.task if ckpt.task.multiclass else replace(ckpt.task, threshold=options.threshold)
     out_dir = Path(out_dir)
@@ -212,31 +211,8 @@ def export_repository(
         builder = _Builder(
             staging, ckpt.config.in_channels, val_samples, val_data, options, prep, task
         )
-        levels = _levels(model)
-        entries = [_Entry(f"L{k}", k, module, f"L{k}.onnx", "logits") for k, module in levels]
-        for entry in entries[:-1]:
-            builder.export(entry.file, entry.module, ("logits",))
-            builder.measure(entry)
-        ensemble, decision = _export_deepest(builder, model, entries)
-        if ensemble:
-            entries.append(ensemble)
-        fp32 = list(entries)
-        cascade, cascade_decision = _export_cascade(builder, model)
-        rejected: list[dict[str, Any]] = []
-        if options.int8:
-            calibration = [network_input(s.image, prep)[0] for s in calibration_samples]
-            entries += _int8_variants(builder, fp32, calibration, rejected)
-        bf16 = bf16_runs() if options.bf16 is None else options.bf16
-        if bf16:
-            entries += _bf16_variants(builder, fp32, rejected)
-        if options.fp16:
-            entries += _fp16_variants(builder, fp32)
-        modules = {id(e.module): e.module for e in entries}
-        flops = {
-            key: round(gflops(m, ckpt.config.in_channels, REFERENCE_SIZE), 3)
-            for key, m in modules.items()
-        }
-        graphs = tuple(_graph(staging, e, val_data, flops[id(e.module)]) for e in entries)
+        calibration = [network_input(s.image, prep)[0] for s in calibration_samples]
+        exported = _export_graphs(builder, ckpt.build(), calibration)
         manifest = Manifest(
             name=options.name,
             version=options.version or checkpoint_sha[:12],
@@ -246,31 +222,11 @@ def export_repository(
             task=task,
             preprocessing=prep,
             reference_size=REFERENCE_SIZE,
-            graphs=graphs,
-            cascade=cascade,
+            graphs=exported.graphs(staging, val_data, ckpt.config.in_channels),
+            cascade=exported.cascade,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             machine=_machine(),
-            extra={
-                "exporter": EXPORTER,
-                "opset": options.opset,
-                "ensemble": decision,
-                "cascade": cascade_decision,
-                "int8": {
-                    "enabled": options.int8,
-                    "margin_iou": options.int8_margin,
-                    "calibration_images": len(calibration_samples),
-                    "rejected": [r for r in rejected if r["name"].endswith(".int8")],
-                },
-                "bf16": {
-                    "enabled": bf16,
-                    "margin_iou": options.int8_margin,
-                    "rejected": [r for r in rejected if r["name"].endswith(".bf16")],
-                },
-                "parity": builder.parity,
-                "latency": "median of 10 runs after 2 warm-ups, batch 1, random input, "
-                "default threads, onnxruntime on the CPU (CUDA for a validated fp16 graph, "
-                "OpenVINO for a bf16 graph)",
-            },
+            extra=exported.record(builder, len(calibration)),
         )
         write_manifest(staging, manifest)
         _replace_dir(staging, out_dir)
@@ -279,6 +235,75 @@ def export_repository(
         raise
     log.info("wrote %s: %s", out_dir, ", ".join(g.name for g in manifest.graphs))
     return manifest
+
+
+@dataclass
+class _Exported:
+    """The graphs written, and what the export decided on the way."""
+
+    options: ExportOptions
+    entries: list[_Entry]
+    ensemble: dict[str, Any]  # the ensemble's decision
+    cascade: CascadeRecord | None
+    cascade_decision: dict[str, Any]
+    bf16: bool
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # variants below the margin
+
+    def graphs(self, directory: Path, val_data: str, in_channels: int) -> tuple[Graph, ...]:
+        modules = {id(e.module): e.module for e in self.entries}
+        flops = {
+            key: round(gflops(m, in_channels, REFERENCE_SIZE), 3) for key, m in modules.items()
+        }
+        return tuple(_graph(directory, e, val_data, flops[id(e.module)]) for e in self.entries)
+
+    def record(self, builder: _Builder, calibration_images: int) -> dict[str, Any]:
+        """The manifest's `extra`: how the repository was made."""
+        options = self.options
+        return {
+            "exporter": EXPORTER,
+            "opset": options.opset,
+            "ensemble": self.ensemble,
+            "cascade": self.cascade_decision,
+            "int8": {
+                "enabled": options.int8,
+                "margin_iou": options.int8_margin,
+                "calibration_images": calibration_images,
+                "rejected": [r for r in self.rejected if r["name"].endswith(".int8")],
+            },
+            "bf16": {
+                "enabled": self.bf16,
+                "margin_iou": options.int8_margin,
+                "rejected": [r for r in self.rejected if r["name"].endswith(".bf16")],
+            },
+            "parity": builder.parity,
+            "latency": "median of 10 runs after 2 warm-ups, batch 1, random input, "
+            "default threads, onnxruntime on the CPU (CUDA for a validated fp16 graph, "
+            "OpenVINO for a bf16 graph)",
+        }
+
+
+def _export_graphs(builder: _Builder, model: nn.Module, calibration: list[np.ndarray]) -> _Exported:
+    """L1..L4 (and the ensemble when it is worth it), the cascade's stages, then the variants
+    each option asks for, each measured on its file."""
+    options = builder.options
+    entries = [_Entry(f"L{k}", k, module, f"L{k}.onnx", "logits") for k, module in _levels(model)]
+    for entry in entries[:-1]:
+        builder.export(entry.file, entry.module, ("logits",))
+        builder.measure(entry)
+    ensemble, decision = _export_deepest(builder, model, entries)
+    if ensemble:
+        entries.append(ensemble)
+    fp32 = list(entries)
+    cascade, cascade_decision = _export_cascade(builder, model)
+    bf16 = bf16_runs() if options.bf16 is None else options.bf16
+    exported = _Exported(options, entries, decision, cascade, cascade_decision, bf16)
+    if options.int8:
+        entries += _int8_variants(builder, fp32, calibration, exported.rejected)
+    if bf16:
+        entries += _bf16_variants(builder, fp32, exported.rejected)
+    if options.fp16:
+        entries += _fp16_variants(builder, fp32)
+    return exported
 
 
 def _export_cascade(
