@@ -56,53 +56,12 @@ def pct(v: float | None, digits: int = 1) -> str:
 
 def paper_section(d: dict[str, Any], where: Place) -> str:
     seeds = d["seeds"]
-    rows = []
-    for r in d["rows"]:
-        spread = f" ± {100 * r['iou_std']:.2f}" if r["iou_std"] is not None else ""
-        paper = r["paper"] or {}
-        lat = d["latency"].get(f"{r['network']}/{r['output']}")
-        size = lat or d["latency"].get(f"{r['network']}/L4")  # the ensemble needs all of L4
-        rows.append(
-            [
-                r["name"],
-                ", ".join(map(str, r["seeds"])),
-                f"{size['parameters']:,}" if size else "—",
-                f"**{100 * r['iou_mean']:.2f}**{spread}",
-                f"{100 * r['dice_mean']:.2f}",
-                paper.get("seed_table", "—"),
-                paper.get("paper_2018", "—"),
-                f"{lat['ms_256']['median']:.1f}" if lat else "not served",
-            ]
-        )
-    frames = d["per_frame_iou_L4"]
+    rows, frames, runs = _paper_rows(d), d["per_frame_iou_L4"], _paper_runs(d)
     frame_rows = [
         [key, *(f"{100 * v:.2f}" for v in values)]
         for key, values in frames.items()
         if key != "frames"
     ]
-    runs = md_table(
-        [
-            "network",
-            "seed",
-            "steps",
-            "best step",
-            "train min",
-            "val IoU (deepest)",
-            "val IoU (ensemble)",
-        ],
-        [
-            [
-                r["network"],
-                r["seed"],
-                r["steps"],
-                r["best_step"],
-                f"{r['train_wall_s'] / 60:.1f}",
-                f"{100 * r['val']['L4']['iou']:.2f}",
-                pct(r["val"].get("ensemble", {}).get("iou"), 2),
-            ]
-            for r in d["runs"]
-        ],
-    )
     return f"""## 1. The paper's Table 1 on HeLa nuclei (`paper`)
 
 {run_facts(d)}
@@ -134,6 +93,56 @@ Runs:
 
 {runs}
 """
+
+
+def _paper_rows(d: dict[str, Any]) -> list[list[Any]]:
+    """Table 1: each network's test IoU and Dice beside the paper's, its size and latency."""
+    rows = []
+    for r in d["rows"]:
+        spread = f" ± {100 * r['iou_std']:.2f}" if r["iou_std"] is not None else ""
+        paper = r["paper"] or {}
+        lat = d["latency"].get(f"{r['network']}/{r['output']}")
+        size = lat or d["latency"].get(f"{r['network']}/L4")  # the ensemble needs all of L4
+        rows.append(
+            [
+                r["name"],
+                ", ".join(map(str, r["seeds"])),
+                f"{size['parameters']:,}" if size else "—",
+                f"**{100 * r['iou_mean']:.2f}**{spread}",
+                f"{100 * r['dice_mean']:.2f}",
+                paper.get("seed_table", "—"),
+                paper.get("paper_2018", "—"),
+                f"{lat['ms_256']['median']:.1f}" if lat else "not served",
+            ]
+        )
+    return rows
+
+
+def _paper_runs(d: dict[str, Any]) -> str:
+    """Each training run: steps, its best step, minutes and validation IoU."""
+    return md_table(
+        [
+            "network",
+            "seed",
+            "steps",
+            "best step",
+            "train min",
+            "val IoU (deepest)",
+            "val IoU (ensemble)",
+        ],
+        [
+            [
+                r["network"],
+                r["seed"],
+                r["steps"],
+                r["best_step"],
+                f"{r['train_wall_s'] / 60:.1f}",
+                f"{100 * r['val']['L4']['iou']:.2f}",
+                pct(r["val"].get("ensemble", {}).get("iou"), 2),
+            ]
+            for r in d["runs"]
+        ],
+    )
 
 
 def pruning_section(d: dict[str, Any], where: Place) -> str:
