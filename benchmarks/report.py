@@ -507,63 +507,7 @@ per second, p50 {served.get("p50_ms", "—")} ms, p99 {served.get("p99_ms", "—
 
 def attacks_section(d: dict[str, Any], where: Place) -> str:
     """benchmarks/attacks.py: each attack's memory, /healthz and normal latency, per tree."""
-
-    def gb(mb: float | None) -> str:
-        return "—" if mb is None else f"{mb / 1024:.2f}"
-
-    def probe(p: dict[str, Any]) -> str:
-        return f"{p['p99_ms']:.0f} ({p['answered']}/{p['sent']})"
-
-    def settings(env: dict[str, str]) -> str:
-        return ", ".join(f"`{k}={v}`" for k, v in env.items()) or "defaults"
-
-    def note(r: dict[str, Any], run: dict[str, Any]) -> str:
-        own = r.get("settings", {})  # rows from before the field: the defaults
-        other = f"(run with {settings(own)}) " if own != run["settings"] else ""
-        killed = other + (
-            f"**killed at {gb(r['killed_at_mb'])} GB**; " if r["killed_at_mb"] else ""
-        )
-        exited = "**server gone**; " if r["exited"] and not r["killed_at_mb"] else ""
-        dropped = r.get("connections_dropped")
-        closed = f"; closed by the server: {json.dumps(dropped)}" if dropped else ""
-        return killed + exited + (json.dumps(r["attack_saw"]) + closed).replace("|", "/")[:220]
-
-    parts = []
-    for label, run in d["runs"].items():
-        idle = run["idle"]
-        rows = [
-            [
-                r["attack"],
-                gb(r["peak_rss_mb"]),
-                gb(r["rss_after_mb"]),
-                probe(r["healthz"]),
-                probe(r["normal_256"]),
-                f"{r['log_bytes'] / 1e6:.2f}",
-                note(r, run),
-            ]
-            for r in run["rows"]
-        ]
-        rows.insert(
-            0,
-            [
-                "(idle)",
-                gb(idle["rss_mb"]),
-                "",
-                probe(idle["healthz"]),
-                probe(idle["normal_256"]),
-                "",
-                "",
-            ],
-        )
-        parts.append(
-            f"""### {label}: `{run["tree"]}` at {run["commit"]}
-
-{" and ".join(f"`{c}`" for c in run.get("commands", []))}. Settings: {settings(run["settings"])}; the server's open-file limit {run["open_files"]}; watchdog at
-{run["rss_ceiling_gb"]} GB; repository `{run["models"]}`. {run.get("notes", "")}
-
-{md_table(["attack", "peak RSS GB", "RSS after GB", "/healthz p99 ms (200s/sent)", "256x256 p99 ms (200s/sent)", "log MB", "what the attack saw"], rows)}"""
-        )
-    body = "\n\n".join(parts)
+    body = "\n\n".join(_attacks_run(label, run) for label, run in d["runs"].items())
     return f"""## Attacks (`attacks`)
 
 {run_facts(d)}
@@ -579,6 +523,54 @@ row with its run's (idle) row, not across machines.
 
 {body}
 """
+
+
+def _attacks_run(label: str, run: dict[str, Any]) -> str:
+    """One tree's attacks: a row per attack after its idle row."""
+    idle = run["idle"]
+    probes = [_probe(idle["healthz"]), _probe(idle["normal_256"])]
+    rows = [["(idle)", _gb(idle["rss_mb"]), "", *probes, "", ""]]
+    rows += [
+        [
+            r["attack"],
+            _gb(r["peak_rss_mb"]),
+            _gb(r["rss_after_mb"]),
+            _probe(r["healthz"]),
+            _probe(r["normal_256"]),
+            f"{r['log_bytes'] / 1e6:.2f}",
+            _attack_note(r, run),
+        ]
+        for r in run["rows"]
+    ]
+    return f"""### {label}: `{run["tree"]}` at {run["commit"]}
+
+{" and ".join(f"`{c}`" for c in run.get("commands", []))}. Settings: {_env(run["settings"])}; the server's open-file limit {run["open_files"]}; watchdog at
+{run["rss_ceiling_gb"]} GB; repository `{run["models"]}`. {run.get("notes", "")}
+
+{md_table(["attack", "peak RSS GB", "RSS after GB", "/healthz p99 ms (200s/sent)", "256x256 p99 ms (200s/sent)", "log MB", "what the attack saw"], rows)}"""
+
+
+def _gb(mb: float | None) -> str:
+    return "—" if mb is None else f"{mb / 1024:.2f}"
+
+
+def _probe(p: dict[str, Any]) -> str:
+    return f"{p['p99_ms']:.0f} ({p['answered']}/{p['sent']})"
+
+
+def _env(env: dict[str, str]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in env.items()) or "defaults"
+
+
+def _attack_note(r: dict[str, Any], run: dict[str, Any]) -> str:
+    """What the attack saw, after whether the server was killed or gone."""
+    own = r.get("settings", {})  # rows from before the field: the defaults
+    other = f"(run with {_env(own)}) " if own != run["settings"] else ""
+    killed = other + (f"**killed at {_gb(r['killed_at_mb'])} GB**; " if r["killed_at_mb"] else "")
+    exited = "**server gone**; " if r["exited"] and not r["killed_at_mb"] else ""
+    dropped = r.get("connections_dropped")
+    closed = f"; closed by the server: {json.dumps(dropped)}" if dropped else ""
+    return killed + exited + (json.dumps(r["attack_saw"]) + closed).replace("|", "/")[:220]
 
 
 def adaptive_section(d: dict[str, Any], where: Place) -> str:
