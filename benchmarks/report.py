@@ -252,34 +252,7 @@ Speed-up over PyTorch eager running the full network (its median time / the grap
 
 
 def server_section(d: dict[str, Any], where: Place) -> str:
-    over = [
-        [
-            r["request"],
-            r["graph"],
-            f"{r['onnxruntime_ms']:.1f}",
-            f"{r['server_ms']:.1f}",
-            f"{r['overhead_ms']:+.1f}",
-            f"{r['ratio']:.2f}",
-            f"{r['server_inference_ms']:.1f}",
-            f"{r['server_ms'] - r['server_inference_ms']:.1f}",
-        ]
-        for r in d["overhead"]
-    ]
-    load = [
-        [
-            c["load"],
-            c["concurrency"],
-            c["requests"],
-            f"{c['wall_s']:.0f}",
-            f"**{c['requests_per_s']:.2f}**",
-            c.get("p50_ms", "—"),
-            c.get("p95_ms", "—"),
-            c.get("p99_ms", "—"),
-            ", ".join(f"{k} {v}" for k, v in c.get("served_by", {}).items()) or "—",
-            ", ".join(f"{k}: {v}" for k, v in c["statuses"].items() if k != "200") or "none",
-        ]
-        for c in d["load"]
-    ]
+    over, load = _server_overhead_rows(d), _server_load_rows(d)
     b = d["bounds"]
     mem = [
         [
@@ -323,6 +296,42 @@ batches of up to 8), resident set from /proc (VmRSS after start-up, VmHWM for th
 
 {plot(d, "load", "Throughput and p95 latency against concurrency, per load.")}
 """
+
+
+def _server_overhead_rows(d: dict[str, Any]) -> list[list[Any]]:
+    """Concurrency 1: end to end beside onnxruntime alone and the server's own inference."""
+    return [
+        [
+            r["request"],
+            r["graph"],
+            f"{r['onnxruntime_ms']:.1f}",
+            f"{r['server_ms']:.1f}",
+            f"{r['overhead_ms']:+.1f}",
+            f"{r['ratio']:.2f}",
+            f"{r['server_inference_ms']:.1f}",
+            f"{r['server_ms'] - r['server_inference_ms']:.1f}",
+        ]
+        for r in d["overhead"]
+    ]
+
+
+def _server_load_rows(d: dict[str, Any]) -> list[list[Any]]:
+    """Closed-loop load: throughput, latency percentiles and errors per cell."""
+    return [
+        [
+            c["load"],
+            c["concurrency"],
+            c["requests"],
+            f"{c['wall_s']:.0f}",
+            f"**{c['requests_per_s']:.2f}**",
+            c.get("p50_ms", "—"),
+            c.get("p95_ms", "—"),
+            c.get("p99_ms", "—"),
+            ", ".join(f"{k} {v}" for k, v in c.get("served_by", {}).items()) or "—",
+            ", ".join(f"{k}: {v}" for k, v in c["statuses"].items() if k != "200") or "none",
+        ]
+        for c in d["load"]
+    ]
 
 
 def overhead_section(d: dict[str, Any], where: Place) -> str:
@@ -751,17 +760,7 @@ def instances_section(d: dict[str, Any], where: Place) -> str:
           f"{r['f1']:.3f}", r["tp"], r["fp"], r["fn"]] for r in deepest],
         "lrrrrrrr",
     )  # fmt: skip
-    timing = []
-    for size, t in d["timing"].items():
-        rows = [
-            [step, f"{ms['median']:.1f}", f"{ms['min']:.1f}..{ms['max']:.1f}",
-             pct(t["share_of_inference"].get(step)) if step != "inference" else "100"]
-            for step, ms in t["ms"].items()
-        ]  # fmt: skip
-        timing.append(
-            f"{t['width']}x{t['height']} ({size}), {t['objects']} objects, graph {t['graph']}:\n\n"
-            + md_table(["step", "median ms", "min..max", "% of inference"], rows, "lrrr")
-        )
+    timing = [_instances_timing(size, t) for size, t in d["timing"].items()]
     l4 = by.get((graphs[-1] if graphs[-1] != "ensemble" else "L4", served))
     whole = d["timing"]["whole"]["share_of_inference"]
     worst = max(v for k, v in whole.items() if k.startswith("render"))
@@ -798,6 +797,19 @@ Goals: L4 AP@0.5 >= 0.90: **{l4["ap50"]:.3f}** ({"met" if l4["ap50"] >= 0.9 else
 post-processing <= 20% of L1's inference on a whole frame: the costliest format takes
 **{pct(worst)}%** ({"met" if worst <= 0.2 else "not met"}).
 """
+
+
+def _instances_timing(size: str, t: dict[str, Any]) -> str:
+    """Each post-processing step's milliseconds beside inference, at one image size."""
+    rows = [
+        [step, f"{ms['median']:.1f}", f"{ms['min']:.1f}..{ms['max']:.1f}",
+         pct(t["share_of_inference"].get(step)) if step != "inference" else "100"]
+        for step, ms in t["ms"].items()
+    ]  # fmt: skip
+    return (
+        f"{t['width']}x{t['height']} ({size}), {t['objects']} objects, graph {t['graph']}:\n\n"
+        + md_table(["step", "median ms", "min..max", "% of inference"], rows, "lrrr")
+    )
 
 
 def backends_section(d: dict[str, Any], where: Place) -> str:
