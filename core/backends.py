@@ -103,12 +103,9 @@ class OnnxRuntime:
 
 @dataclass
 class OvSession:
-    """A compiled OpenVINO model; one infer request per thread (a request is not reentrant).
-    The tensors named in `channels_last` pass NHWC to and from OpenVINO (`_channels_last`);
-    callers see NCHW (views)."""
+    """A compiled OpenVINO model; one infer request per thread (a request is not reentrant)."""
 
     compiled: Any  # openvino.CompiledModel
-    channels_last: frozenset[str] = frozenset()
     local: threading.local = field(default_factory=threading.local)
 
     def run(self, batch: np.ndarray, output: str) -> np.ndarray:
@@ -121,18 +118,11 @@ class OvSession:
         request = getattr(self.local, "request", None)
         if request is None:
             request = self.local.request = self.compiled.create_infer_request()
-        feed = {
-            n: np.ascontiguousarray(
-                x.transpose(0, 2, 3, 1) if n in self.channels_last else x, dtype=np.float32
-            )
-            for n, x in inputs.items()
-        }
-        request.infer(feed, share_inputs=True)
-        out = [request.get_tensor(n).data.copy() for n in outputs]
-        return [
-            x.transpose(0, 3, 1, 2) if n in self.channels_last else x
-            for n, x in zip(outputs, out, strict=True)
-        ]
+        request.infer(
+            {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in inputs.items()},
+            share_inputs=True,
+        )
+        return [request.get_tensor(n).data.copy() for n in outputs]
 
 
 # the manifest's precision -> OpenVINO's inference precision (int8: the layers left in float)
@@ -160,30 +150,9 @@ class OpenVINO:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
             core = ov.Core()
-            model, channels_last = _channels_last(ov, core.read_model(str(path)))
-            return OvSession(core.compile_model(model, "CPU", config), channels_last)
+            return OvSession(core.compile_model(core.read_model(str(path)), "CPU", config))
         except RuntimeError as exc:  # OpenVINO's errors are untyped
             raise ModelRepositoryError(f"{path}: OpenVINO cannot load it ({exc})") from exc
-
-
-def _channels_last(ov: Any, model: Any) -> tuple[Any, frozenset[str]]:
-    """A graph of several outputs (the cascade's stages) takes and gives its 4-D tensors other
-    than the image NHWC: OpenVINO's CPU plugin computes them so, and turning an output that
-    also feeds a concatenation back to NCHW takes its slow reference reorder (measured at 256 x
-    256: 14-17 ms per node tensor, 94 -> 56 ms for stage 1 with NHWC outputs)."""
-    if len(model.outputs) < 2:
-        return model, frozenset()
-    ppp = ov.preprocess.PrePostProcessor(model)
-    names = []
-    for port, side in [(t, ppp.input) for t in model.inputs] + [
-        (t, ppp.output) for t in model.outputs
-    ]:
-        name = port.get_any_name()
-        if name != INPUT_NAME and port.get_partial_shape().rank.get_length() == 4:
-            side(name).model().set_layout(ov.Layout("NCHW"))
-            side(name).tensor().set_layout(ov.Layout("NHWC"))
-            names.append(name)
-    return ppp.build(), frozenset(names)
 
 
 def _openvino() -> Any:

@@ -1,5 +1,5 @@
-"""The adaptive cascade on either backend: OpenVINO's stage runs (node tensors passed NHWC
-inside, NCHW to the caller) give onnxruntime's heads; onnxruntime's stages do not spin."""
+"""The adaptive cascade on either backend: OpenVINO's stage runs give onnxruntime's node tensors
+and heads; onnxruntime's stages do not spin nor shrink their arena."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_openvino_stages_give_onnxruntimes_node_tensors_and_heads(tiny_repositor
         ov.step(level, feats["ov"])
         for name in stage.outputs:
             want, got = feats["ort"][name], feats["ov"][name]
-            assert got.shape == want.shape  # NCHW, as onnxruntime gives them
+            assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=1e-3 * max(1.0, np.abs(want).max()))
     heads = [np.stack(c.infer_heads(x)) for c in (ort, ov)]
     assert np.mean((heads[0] > 0) == (heads[1] > 0)) >= 0.999
