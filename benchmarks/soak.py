@@ -343,29 +343,7 @@ def overload(url: str, clients: int, seconds: float) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_repository_arguments(parser)
-    parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
-    parser.add_argument("--clients", type=int, default=4, help="soak clients (default 4)")
-    parser.add_argument("--warmup-min", type=float, default=1.0)
-    parser.add_argument("--sample-s", type=float, default=5.0, help="RSS every (default 5 s)")
-    parser.add_argument("--max-queue", type=int, default=8, help="the server's (default 8)")
-    parser.add_argument("--overload-clients", type=int, default=48)
-    parser.add_argument("--overload-s", type=float, default=60.0)
-    parser.add_argument("--idle-s", type=float, default=30.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-memory-arena",
-        dest="memory_arena",
-        action="store_false",
-        help="serve with UNETPP_MEMORY_ARENA=false",
-    )
-    parser.add_argument("--name", default="soak", help="results file name (default soak)")
-    parser.add_argument("--quick", action="store_true", help="1 minute and short phases")
-    args = parser.parse_args()
-    if args.quick:
-        args.minutes, args.warmup_min, args.sample_s = 1.0, 0.25, 2.0
-        args.overload_s, args.idle_s = 10.0, 6.0
+    args = _arguments()
     study = Study(args.name, args.quick, module="soak")
     models, _ = repository(args)
     kinds = mix()
@@ -389,9 +367,9 @@ def main() -> None:
     unexpected = sum(
         n for k in kinds for status, n in record.statuses(k.name).items() if status != k.expect
     )
-    fields = {
-        "repository": shown(models),
-        "settings": {
+    path = study.save(
+        repository=shown(models),
+        settings={
             "clients": args.clients,
             "minutes": args.minutes,
             "warmup_min": args.warmup_min,
@@ -399,27 +377,58 @@ def main() -> None:
             "max_queue": args.max_queue,
             "memory_arena": args.memory_arena,
         },
-        "requests": len(record.rows),
-        "requests_per_s": round(len(record.rows) / soak_s, 2),
-        "unexpected": unexpected,
-        "unexpected_examples": record.examples,
-        "kinds": per_kind(record, kinds, soak_s),
-        "memory": rss,
-        "overload": burst,
-        "alive_after": alive,
-        "plots": {"rss": f"{args.name}_rss.png"},
-        "rss_samples": sampler.samples,
-    }
-    path = study.save(**fields)
+        requests=len(record.rows),
+        requests_per_s=round(len(record.rows) / soak_s, 2),
+        unexpected=unexpected,
+        unexpected_examples=record.examples,
+        kinds=per_kind(record, kinds, soak_s),
+        memory=rss,
+        overload=burst,
+        alive_after=alive,
+        plots={"rss": f"{args.name}_rss.png"},
+        rss_samples=sampler.samples,
+    )
+    _write_page(path, study)
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_repository_arguments(parser)
+    parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
+    parser.add_argument("--clients", type=int, default=4, help="soak clients (default 4)")
+    parser.add_argument("--warmup-min", type=float, default=1.0)
+    parser.add_argument("--sample-s", type=float, default=5.0, help="RSS every (default 5 s)")
+    parser.add_argument("--max-queue", type=int, default=8, help="the server's (default 8)")
+    parser.add_argument("--overload-clients", type=int, default=48)
+    parser.add_argument("--overload-s", type=float, default=60.0)
+    parser.add_argument("--idle-s", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-memory-arena",
+        dest="memory_arena",
+        action="store_false",
+        help="serve with UNETPP_MEMORY_ARENA=false",
+    )
+    parser.add_argument("--name", default="soak", help="results file name (default soak)")
+    parser.add_argument("--quick", action="store_true", help="1 minute and short phases")
+    args = parser.parse_args()
+    if args.quick:
+        args.minutes, args.warmup_min, args.sample_s = 1.0, 0.25, 2.0
+        args.overload_s, args.idle_s = 10.0, 6.0
+    return args
+
+
+def _write_page(path: Path, study: Study) -> None:
+    """The results' readable page beside their JSON, and a one-line summary."""
     from benchmarks.report import soak_body
 
     data = json.loads(path.read_text())
     path.with_suffix(".md").write_text(soak_body(data, study.where) + "\n")
     m = data["memory"]
     print(
-        f"{data['requests']} requests, {unexpected} unexpected; RSS {m.get('baseline_mb')} -> "
-        f"{m.get('end_of_soak_mb')} MB ({m.get('growth_pct')}%), after idle "
-        f"{m.get('idle_end_mb')} MB; overload {burst['statuses']}",
+        f"{data['requests']} requests, {data['unexpected']} unexpected; RSS "
+        f"{m.get('baseline_mb')} -> {m.get('end_of_soak_mb')} MB ({m.get('growth_pct')}%), "
+        f"after idle {m.get('idle_end_mb')} MB; overload {data['overload']['statuses']}",
         flush=True,
     )
 
