@@ -2,9 +2,9 @@
 
 Torch-free (onnxruntime, numpy and, for the object scores, scipy), so that `unetpp evaluate`,
 the export checks and the server see a graph's output the same way. Needs onnxruntime (the
-`export`, `serve` or `gpu` extra); in unetpp.core only the runtimes' modules import it
-(core/backends.py, core/pipeline.py). `evaluate_session` and `measure_latency` take a `run`
-(a batch -> logits) so that any backend's session is measured the same way.
+`export`, `serve` or `gpu` extra); in unetpp.core only the runtimes' modules import it (this
+module, and core/backends.py through it). `evaluate_session` and `measure_latency` take a
+`run` (a batch -> logits) so that any backend's session is measured the same way.
 
 A graph takes `image` float32 [N, C, H, W] (H, W multiples of 16) and returns logits
 [N, K, H, W] under the output name its manifest entry gives ("logits" or "ensemble").
