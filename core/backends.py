@@ -216,7 +216,7 @@ def open_graphs(
 
 def backend(name: str, **options: Any) -> Backend:
     """The backend `UNETPP_BACKEND` names, with its options (onnxruntime: memory_arena,
-    providers, run_options)."""
+    providers, run_options, spinning)."""
     if name == "onnxruntime":
         return OnnxRuntime(**options)
     if name == "openvino":

@@ -2,8 +2,9 @@
 
 One pipeline, two front ends: `unetpp predict` runs it on a model repository on this machine;
 the server wraps its pure steps (`prepare`, `plan`, `candidates`, `choose`) with admission and
-batching. Torch-free (numpy and a backend, core/backends.py). Decoding (core/imageio.py) comes before it and
-deciding and rendering (the task, core/render.py) after it, on the logits it returns.
+batching. Torch-free (numpy and a backend, core/backends.py). Decoding (core/imageio.py) comes
+before it and deciding and rendering (the task, core/render.py) after it, on the logits it
+returns.
 
 Routing here predicts a graph's latency from the manifest's export-time figures (scaled to the
 request's pixels), since nothing is measured live; the rules are core/routing.py's.
