@@ -150,7 +150,8 @@ class GuardedH11Protocol(H11Protocol):
             self.guard.dropped["refused"] += 1
             return
         super().connection_made(transport)
-        self.transport = CoalescedWrites(transport, self.loop)  # type: ignore[assignment]
+        self.writes = CoalescedWrites(transport, self.loop)
+        self.transport = self.writes  # type: ignore[assignment]
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -165,6 +166,7 @@ class GuardedH11Protocol(H11Protocol):
         self._track()
 
     def on_response_complete(self) -> None:
+        self.writes.flush()  # now, not after the access log and the metrics
         super().on_response_complete()
         if not self.transport.is_closing():
             self._track()
@@ -201,10 +203,11 @@ class GuardedH11Protocol(H11Protocol):
 
 
 class CoalescedWrites:
-    """A transport whose writes in one pass of the event loop leave in one send at its end.
-    uvicorn writes a response's head and body separately: two sends, and two wake-ups of the
-    client, the first of which ends in a read of the head alone (0.5-1 ms of a 256x256
-    request's 5 ms at concurrency 1 on loopback; benchmarks/REPORT.md, `overhead`)."""
+    """A transport whose writes in one pass of the event loop leave in one send at its end,
+    or at `flush()` (the protocol's, when a response is complete). uvicorn writes a response's
+    head and body separately: two sends, and two wake-ups of the client, the first of which
+    ends in a read of the head alone (0.5-1 ms of a 256x256 request's 5 ms at concurrency 1 on
+    loopback; benchmarks/REPORT.md, `overhead`)."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport

@@ -157,26 +157,32 @@ class Recorder:
 
 
 def test_a_response_written_in_parts_leaves_in_one_send():
-    async def scenario() -> tuple[Recorder, Recorder, Recorder]:
+    """At the end of the loop's pass, or at once when flushed (the protocol does, when a
+    response is complete); a close sends what was written first, an abort drops it."""
+    head_and_body = (b"HTTP/1.1 200 OK\r\n\r\n", b"body", b"")
+
+    async def scenario() -> dict[str, Recorder]:
         loop = asyncio.get_running_loop()
-        kept, closed, aborted = Recorder(), Recorder(), Recorder()
-        for transport in (kept, closed, aborted):
+        transports = {end: Recorder() for end in ("pass", "flush", "close", "abort")}
+        for end, transport in transports.items():
             writes = CoalescedWrites(transport, loop)
-            for part in (b"HTTP/1.1 200 OK\r\n\r\n", b"body", b""):
+            for part in head_and_body:
                 writes.write(part)
             assert transport.sends == []  # not before the end of this pass of the loop
-            if transport is closed:
-                writes.close()  # what is written before a close still leaves, then the close
-            elif transport is aborted:
-                writes.abort()  # an abort drops it
+            if end == "flush":
+                writes.flush()
+                assert transport.sends == [b"".join(head_and_body)]
+            elif end != "pass":
+                getattr(writes, end)()
         await asyncio.sleep(0)
         assert writes.get_extra_info("peername") == "extra peername"
-        return kept, closed, aborted
+        return transports
 
-    kept, closed, aborted = asyncio.run(scenario())
-    assert kept.sends == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
-    assert closed.sends == [b"HTTP/1.1 200 OK\r\n\r\nbody"] and closed.closed
-    assert aborted.sends == [] and aborted.aborted
+    transports = asyncio.run(scenario())
+    for end in ("pass", "flush", "close"):
+        assert transports[end].sends == [b"HTTP/1.1 200 OK\r\n\r\nbody"], end
+    assert transports["close"].closed
+    assert transports["abort"].sends == [] and transports["abort"].aborted
 
 
 def test_the_overhead_benchmarks_bare_client_reads_the_real_server(tiny_repository, tmp_path):
