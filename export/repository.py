@@ -16,7 +16,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +84,41 @@ class ExportOptions:
     latency_sizes: tuple[int, ...] = (REFERENCE_SIZE,)
     name: str = "unetpp"
     version: str = ""  # default: the first 12 hex digits of the checkpoint's sha256
+
+
+# `unetpp export`'s flags (their dests) that set an ExportOptions field; left out, the default
+FLAGS = {
+    "opset": "opset",
+    "int8": "int8",
+    "int8_margin": "int8_margin",
+    "bf16": "bf16",
+    "fp16": "fp16",
+    "ensemble": "ensemble",
+    "threshold": "threshold",
+    "latency_size": "latency_sizes",
+    "name": "name",
+    "model_version": "version",
+}
+
+
+def options_from(args: argparse.Namespace) -> ExportOptions:
+    """The flags given; ExportOptions' defaults for the others."""
+    given = {field: getattr(args, flag) for flag, field in FLAGS.items()}
+    if given["latency_sizes"] is not None:
+        given["latency_sizes"] = tuple(given["latency_sizes"])
+    return ExportOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def shown_default(flag: str) -> str | None:
+    """The default `unetpp export --help` shows for a flag (its dest): ExportOptions'; None for
+    a switch, a flag of its own and a default that its help explains."""
+    name = FLAGS.get(flag)
+    value = (
+        None if name is None else next(f for f in fields(ExportOptions) if f.name == name).default
+    )
+    if value is None or isinstance(value, bool) or value == "":
+        return None
+    return f"default {','.join(map(str, value)) if isinstance(value, tuple) else value}"
 
 
 @dataclass
@@ -517,18 +552,7 @@ def main(args: argparse.Namespace) -> int:
     }
     val = load_split(source, args.val_split, **split)
     calibration = load_split(source, "train", **split)[: args.calib_images] if args.int8 else []
-    options = ExportOptions(
-        opset=args.opset,
-        int8=args.int8,
-        int8_margin=INT8_MARGIN if args.int8_margin is None else args.int8_margin,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        ensemble=args.ensemble,
-        threshold=args.threshold,
-        latency_sizes=tuple(args.latency_size or (REFERENCE_SIZE,)),
-        name=args.name,
-        version=args.model_version,
-    )
+    options = options_from(args)
     manifest = export_repository(
         args.checkpoint,
         args.out,

@@ -74,15 +74,18 @@ def _numbers(kind: type) -> Callable[[str], tuple]:
     return parse
 
 
-class _TrainDefaults(argparse.HelpFormatter):
-    """Shows each flag's default as `TrainConfig` states it; imported only when the help is
-    printed, so that building the parser imports no torch."""
+def _defaults_from(shown_default: str) -> type[argparse.HelpFormatter]:
+    """A help formatter that shows each flag's default as `shown_default` ("module:function",
+    the flag's dest -> the text or None) states it. The module is imported only when the help
+    is printed, so that building the parser imports no torch."""
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        from unetpp.model.config import shown_default
+    class Defaults(argparse.HelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str | None:
+            module, function = shown_default.split(":")
+            shown = getattr(importlib.import_module(module), function)(action.dest)
+            return action.help if shown is None else f"{action.help} ({shown.replace('%', '%%')})"
 
-        shown = shown_default(action.dest)
-        return action.help if shown is None else f"{action.help} ({shown.replace('%', '%%')})"
+    return Defaults
 
 
 @command(
@@ -93,7 +96,7 @@ class _TrainDefaults(argparse.HelpFormatter):
 def _train(p: argparse.ArgumentParser) -> None:
     # The defaults are TrainConfig's (the help shows them); flags left out stay None so that
     # --resume can tell them from the checkpoint's own settings. TrainConfig checks the values.
-    p.formatter_class = _TrainDefaults
+    p.formatter_class = _defaults_from("unetpp.model.config:shown_default")
     _data_arguments(p, "--data", required=False)
     p.add_argument(
         "--out", required=True, metavar="DIR", help="writes best.pt, last.pt, metrics.jsonl"
@@ -140,6 +143,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     "checkpoint -> model repository: L1..L4 ONNX graphs (+ int8), verified, with model.json",
 )
 def _export(p: argparse.ArgumentParser) -> None:
+    # The defaults are ExportOptions' (the help shows them); a flag left out stays None.
+    p.formatter_class = _defaults_from("unetpp.export.repository:shown_default")
     p.add_argument("checkpoint", help="a checkpoint written by unetpp train")
     p.add_argument("--out", required=True, help="the repository folder (replaced if it exists)")
     _data_arguments(p, "--val-data", required=False)
@@ -150,35 +155,30 @@ def _export(p: argparse.ArgumentParser) -> None:
         type=_fraction,
         metavar="IOU",
         help="leave out an int8 or bf16 variant losing more IoU than this, as a fraction: 0.01 is "
-        "one point (default: INT8_MARGIN in unetpp.export.quantize)",
+        "one point",
     )
-    p.add_argument("--calib-images", type=int, default=8, help="training images for int8")
+    p.add_argument("--calib-images", type=int, default=8, help="training images for int8 (8)")
     p.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="bf16 variants, run by OpenVINO (default: when OpenVINO computes in bf16 here)",
     )
     p.add_argument("--fp16", action="store_true", help="also write fp16 variants (for GPUs)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    p.add_argument("--opset", type=int, help="ONNX opset, at least 18")
     p.add_argument(
         "--ensemble",
         choices=("auto", "always", "never"),
-        default="auto",
-        help="offer the heads' average as L4's second output: when it measures better (auto)",
+        help="offer the heads' average as L4's second output; auto: when it measures better",
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
+    p.add_argument("--threshold", type=float, help="mask probability threshold")
     p.add_argument(
         "--latency-size",
         type=int,
         action="append",
-        default=None,
-        help="square size to time each graph at (repeatable; default 256)",
+        help="square size to time each graph at, repeatable",
     )
-    p.add_argument("--name", default="unetpp", help="model name in the manifest")
-    p.add_argument(
-        "--model-version", default="", help="model version (default: checkpoint hash prefix)"
-    )
+    p.add_argument("--name", help="model name in the manifest")
+    p.add_argument("--model-version", help="model version (default: checkpoint hash prefix)")
 
 
 @command(

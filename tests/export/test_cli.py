@@ -1,15 +1,16 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import onnx
 import pytest
 
 from tests.helpers import one_torch_thread, tiny_samples
-from unetpp.cli import main
+from unetpp.cli import build_parser, main
 from unetpp.core.manifest import load_repository
 from unetpp.export.graphs import check_graph
-from unetpp.export.repository import ExportOptions, export_repository
+from unetpp.export.repository import ExportOptions, export_repository, options_from
 
 
 @pytest.fixture(scope="module")
@@ -108,4 +109,29 @@ def test_int8_margin_is_a_fraction_of_iou(capsys) -> None:
         main(["export", "best.pt", "--out", "models", "--int8-margin", "1"])
     assert (
         "--int8-margin: a fraction in [0, 1) (0.01 is one point), got 1" in capsys.readouterr().err
+    )
+
+
+def test_export_help_shows_the_export_options_defaults(capsys, monkeypatch) -> None:
+    """argparse holds no second copy of ExportOptions' defaults: the help shows them, and a
+    command line without the flags makes the default options."""
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    defaults = ExportOptions()
+    for flag, value in (
+        ("--int8-margin", defaults.int8_margin),
+        ("--opset", defaults.opset),
+        ("--ensemble", defaults.ensemble),
+        ("--threshold", defaults.threshold),
+        ("--latency-size", ",".join(map(str, defaults.latency_sizes))),
+        ("--name", defaults.name),
+    ):
+        assert re.search(rf"{flag} \S+ .*?\(default {re.escape(str(value))}\)", shown), flag
+    argv = ["export", "best.pt", "--out", "models"]
+    assert options_from(build_parser().parse_args(argv)) == defaults
+    given = ["--opset", "19", "--latency-size", "64", "--latency-size", "128", "--no-bf16"]
+    assert options_from(build_parser().parse_args([*argv, *given])) == ExportOptions(
+        opset=19, latency_sizes=(64, 128), bf16=False
     )
