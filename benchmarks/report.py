@@ -943,12 +943,13 @@ def tiles_section(d: dict[str, Any], where: Place) -> str:
         [[g, *(cell(g, side) for side in sides)] for g in rates],
     )
     requests = md_table(
-        ["graph", "server", "ns per pixel", "÷ best rate per output pixel", "÷ best raw rate",
-         "tile (side × batch)", "peak RSS MB (over the request)", "RSS at rest MB",
-         "load average (1 min) per run"],
+        ["graph", "server", "run (UTC)", "ns per pixel", "÷ best rate per output pixel",
+         "÷ best raw rate", "tile (side × batch)", "peak RSS MB (over the request)",
+         "RSS at rest MB", "load average (1 min) per run"],
         [
             [
-                r["graph"], f"{r['server']} (`{r['commit']}`)", f"**{r['ns_per_pixel']:.0f}**",
+                r["graph"], f"{r['server']} (`{r['commit']}`)", r.get("run_utc", "—"),
+                f"**{r['ns_per_pixel']:.0f}**",
                 f"{r['ratio_to_best_output']:.2f}x", f"{r['ratio_to_best_raw']:.2f}x",
                 ", ".join(
                     f"{x['tile']['side']}×{x['tile']['batch']}" if x["tile"] else "512×≤8"
@@ -960,7 +961,7 @@ def tiles_section(d: dict[str, Any], where: Place) -> str:
             ]
             for r in d["requests"]
         ],
-        "llrrrlrrr",
+        "lllrrrlrrr",
     )  # fmt: skip
     return f"""## Tiles per graph (`tiles`)
 
@@ -979,7 +980,8 @@ One {d["image"]} request on a fresh server holding that graph alone, after its b
 calibration; the peak resident set (VmHWM) is reset just before the request
 (`/proc/PID/clear_refs`), so it is the request's. *before* tiles at 512 in batches of up to
 8; the ratios divide the request's inference time per pixel by the graph's best measured
-rate (the table above: another server, minutes earlier), per output pixel (given the overlap;
+rate (the table above: another server, minutes earlier; for a row from an earlier run, that
+run's), per output pixel (given the overlap;
 the goal: within 1.2x) and per input pixel; below 1, the calibration ran slower than the
 request, the shared CPU's load having moved between them. Medians of the rounds, interleaved.
 

@@ -19,6 +19,7 @@ off. The configurations are interleaved, the order rotating each round; medians 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -26,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +206,27 @@ def main(argv: list[str] | None = None) -> None:
                     "runs": done,
                 }
             )
+    now = datetime.now(UTC).isoformat(timespec="minutes")
+    requests = [{**r, "run_utc": now} for r in requests]
     study.save(
         models=str(eight.relative_to(ROOT)), image=f"{side}x{side} 16-bit PNG",
-        overlap=TILE_OVERLAP, rates=measured, requests=requests,
+        overlap=TILE_OVERLAP, rates=measured,
+        requests=earlier_requests(study, args.graphs.split(",")) + requests,
     )  # fmt: skip
+
+
+def earlier_requests(study: Study, graphs: list[str]) -> list[dict[str, Any]]:
+    """The last run's requests on other graphs, each with the date of its run: a run on L4
+    keeps L1's figures (their ratios are to that run's rates)."""
+    path = study.where.results / "tiles.json"
+    if not path.exists():
+        return []
+    last = json.loads(path.read_text())
+    return [
+        {"run_utc": last["machine"]["date_utc"][:16], **r}
+        for r in last["requests"]
+        if r["graph"] not in graphs
+    ]
 
 
 def pixels(run: str) -> int:
