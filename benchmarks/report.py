@@ -380,7 +380,8 @@ Repository `{d["models"]}`; image: {d["image"]}; answer: a PNG mask. Two `unetpp
 (default settings) at once, the tree before the changes and after, each installed from a git
 worktree; {rows[0]["requests"]} requests per server and request kind, one at a time, interleaved
 (the order rotating each round, a {1000 * d["settle_s"]:.0f} ms pause before each), over
-loopback with httpx{nice}. *Added* is each request's end to end (the client's wall time) minus the
+loopback from a bare HTTP/1.1 client on one keep-alive socket per server{nice} (httpx would
+add about a millisecond of its own). *Added* is each request's end to end (the client's wall time) minus the
 server's own inference time (X-UNetPP-Inference-Ms): median (10th..90th percentile), and the
 least of all (the request that met the least contention). Before -> after (medians): {ratios}.
 Goal: at most 3 ms.
