@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from unetpp.core.errors import InvalidInput, ModelRepositoryError
 from unetpp.core.preprocess import Preprocessing
@@ -33,8 +33,9 @@ SCHEMA_VERSION = 3
 MANIFEST_NAME = "model.json"
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 LEVELS = (1, 2, 3, 4)  # the pruning depths L1..L4: head j of UNet++ and the nodes it needs
-BACKENDS = ("onnxruntime", "openvino")  # the runtimes that can run a graph (core/backends.py)
-DEFAULT_BACKEND = "onnxruntime"  # UNETPP_BACKEND's default, and unetpp predict --backend's
+BackendName = Literal["onnxruntime", "openvino"]  # the runtimes that run a graph (core/backends.py)
+BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
+DEFAULT_BACKEND: BackendName = "onnxruntime"  # UNETPP_BACKEND's default, and predict --backend's
 
 
 @dataclass(frozen=True)

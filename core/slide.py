@@ -93,8 +93,8 @@ def open_slide(path: str | Path) -> Iterator[list[Page]]:
 
 def plan(height: int, width: int, preprocessing: Preprocessing, tile: int, overlap: int) -> Plan:
     """A page's plan for routing: its padded size in `tile` x `tile` windows."""
-    side = preprocessing.multiple
-    h, w = -(-height // side) * side, -(-width // side) * side
+    pad_h, pad_w = padding_for(height, width, preprocessing.multiple)
+    h, w = height + pad_h, width + pad_w
     return Plan(h, w, count(h, w, tile, overlap), tile, min(tile, h) * min(tile, w))
 
 

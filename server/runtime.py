@@ -29,10 +29,10 @@ from unetpp.core.backends import (
     unavailable,
 )
 from unetpp.core.inference import create_session, shrinking_arena
-from unetpp.core.manifest import Graph, Manifest, load_repository
+from unetpp.core.manifest import BackendName, Graph, Manifest, load_repository
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.server.errors import NotReady
-from unetpp.server.settings import BackendName, Device
+from unetpp.server.settings import Device
 
 log = logging.getLogger(__name__)
 

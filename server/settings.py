@@ -8,13 +8,12 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from unetpp.core.manifest import DEFAULT_BACKEND
+from unetpp.core.manifest import DEFAULT_BACKEND, BackendName
 from unetpp.core.preprocess import MULTIPLE
 from unetpp.core.routing import Mode
 from unetpp.core.tiling import TILE_SIDES
 
 Device = Literal["auto", "cpu", "cuda"]
-BackendName = Literal["onnxruntime", "openvino"]  # core/backends.py
 
 
 class Settings(BaseSettings):

@@ -329,8 +329,7 @@ def local_runner(args: argparse.Namespace) -> Runner:
     task = model.manifest.task
     if args.format not in task.formats:
         raise UsageError(f"format {args.format!r}: this model answers {', '.join(task.formats)}")
-    tiles, batch = bounded(model, args)
-    model = LocalModel(model.directory, model.manifest, model.sessions, tiles=tiles)
+    model.tiles, batch = bounded(model, args)
     choice = choice_of(args)
 
     def run(data: bytes) -> Output:
@@ -401,6 +400,7 @@ def bounded(model: LocalModel, args: argparse.Namespace) -> tuple[Tiling, int]:
     --jobs. Images whose activations would pass it are tiled, and the tile halved until one
     window fits (UsageError when none does)."""
     from unetpp.core.pipeline import Tiling
+    from unetpp.core.preprocess import MULTIPLE
     from unetpp.server import memory
 
     asked = Tiling(args.tile_above_pixels, args.tile_size, args.tile_overlap)
@@ -412,7 +412,7 @@ def bounded(model: LocalModel, args: argparse.Namespace) -> tuple[Tiling, int]:
     pixels = max(budget, 0) // per_pixel
     tile = args.tile_size
     while tile * tile > pixels:
-        tile = tile // 2 // 16 * 16
+        tile = tile // 2 // MULTIPLE * MULTIPLE
         if tile <= 2 * args.tile_overlap:
             raise UsageError(
                 f"a memory limit of {limit} bytes leaves {budget} per image in flight: not "
