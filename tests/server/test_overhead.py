@@ -11,7 +11,7 @@ import anyio.to_thread
 import pytest
 from PIL import Image, PngImagePlugin
 
-from benchmarks.overhead import TARGETS, Connection, post
+from benchmarks.overhead import TARGETS, Connection, post, server_timing
 from tests.helpers import serve, settings, start, stop, synthetic
 from unetpp.core.imageio import encode_png
 from unetpp.core.manifest import read_manifest
@@ -22,19 +22,11 @@ from unetpp.server.routers import segment
 SPANS = ["decode", "queue", "infer", "render", "total"]
 
 
-def spans(header: str) -> dict[str, float]:
-    out = {}
-    for part in header.split(","):
-        name, _, duration = part.strip().partition(";dur=")
-        out[name] = float(duration)
-    return out
-
-
 @pytest.mark.parametrize("fmt", ["png", "json"])
 def test_server_timing_says_where_the_time_went(live, image_png, fmt):
     r = live.segment(image_png, level=2, format=fmt)
     assert r.status_code == 200, r.text
-    timing = spans(r.headers["server-timing"])
+    timing = server_timing(r.headers["server-timing"])
     assert list(timing) == SPANS
     assert timing["decode"] > 0 and timing["infer"] > 0 and timing["render"] > 0
     assert timing["infer"] == pytest.approx(float(r.headers["x-unetpp-inference-ms"]), abs=0.01)
@@ -48,7 +40,7 @@ def test_v2_answers_carry_server_timing_too(live, tiny_repository):
     tensor = {"name": "image", "datatype": "UINT8", "shape": [32, 48], "data": [7] * 32 * 48}
     r = live.client.post(f"/v2/models/{name}/infer", json={"inputs": [tensor]})
     assert r.status_code == 200, r.text
-    assert list(spans(r.headers["server-timing"])) == SPANS
+    assert list(server_timing(r.headers["server-timing"])) == SPANS
 
 
 def test_a_request_takes_no_thread_hop_for_its_dependencies(
